@@ -27,9 +27,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # %% ../nbs/00_config.ipynb #f263c0f1
 class MediaError(ValueError):
     "An unreadable, empty, truncated or track-less media file; the message names the file and the reason."
-    def __init__(self, path, reason):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path,            # the offending file
+                 reason: str | None = None): # why it cannot be used; None: `path` is a whole message
+        # A DataLoader worker re-raises an exception in the main process as `type(exc)(message)`: accept that
+        # single-message form so the error stays a MediaError instead of becoming a RuntimeError.
+        self.path, self.reason = (str(path), reason) if reason is not None else (None, str(path))
+        super().__init__(f"{path}: {reason}" if reason is not None else str(path))
+
+    def __reduce__(self): return (type(self), (self.path, self.reason) if self.path is not None else (self.reason,))
 
 # %% ../nbs/00_config.ipynb #1d1ec213
 @dataclass
