@@ -1,0 +1,168 @@
+"Training: exact resume after SIGKILL, a 2-process torchrun run on CPU, the NaN guard, config handling and fine-tuning."
+import json, os, shutil, signal, subprocess, sys, time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cavmae_sync import train
+from cavmae_sync.checkpoint import load_checkpoint
+from cavmae_sync.model import CAVMAESync
+
+# a few-thousand-parameter model: a step takes milliseconds, so the tests measure the machinery, not the model
+MINI_MODEL = ['--model', 'tiny', '--model.embed_dim', '32', '--model.num_heads', '2', '--model.modality_depth', '1',
+              '--model.decoder_embed_dim', '32', '--model.decoder_depth', '1', '--model.decoder_num_heads', '2',
+              '--model.image_size', '32', '--model.audio_length', '64', '--model.num_frames', '4', '--model.num_registers', '2']
+
+
+@pytest.fixture(scope='module')
+def clips(tmp_path_factory) -> Path:
+    "16 training and 8 test clips of the synthetic testbed, small and short."
+    from cavmae_sync.synthetic import make_synthetic
+    root = tmp_path_factory.mktemp('train') / 'synthetic'
+    make_synthetic(root, num_train=16, num_test=8, seed=0, image_size=64, duration=6.0, workers=1)
+    return root
+
+
+def pretrain_args(clips: Path, out: Path, *extra) -> list[str]:
+    return [*MINI_MODEL, '--train_data', str(clips / 'train.json'), '--eval_data', str(clips / 'test.json'),
+            '--output_dir', str(out), '--batch_size', '4', '--lr', '1e-3', '--lr_reference_batch', '4', '--log_every', '1',
+            '--progress', 'false', '--tensorboard', 'false', '--seed', '3', *extra]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+
+
+def cli(command: str) -> list[str]:
+    "The installed console script, or the same entry point through the interpreter."
+    exe = shutil.which(command)
+    if exe: return [exe]
+    function = {'cavmae-sync-pretrain': 'pretrain_cli', 'cavmae-sync-finetune': 'finetune_cli'}[command]
+    return [sys.executable, '-c', f'import sys; from cavmae_sync.train import {function}; {function}(sys.argv[1:])']
+
+
+def step_losses(out: Path) -> pd.Series:
+    return pd.read_csv(out / 'train_log.csv').set_index('step')['loss']
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(clips, tmp_path):
+    # every step evaluates retrieval (slow enough to kill mid-run; evaluation must not change training)
+    common = ['--epochs', '6', '--checkpoint_every', '3', '--eval_every', '1']
+    full = tmp_path / 'full'
+    done = subprocess.run(cli('cavmae-sync-pretrain') + pretrain_args(clips, full, *common), env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = step_losses(full)
+    assert list(reference.index) == list(range(1, 25))                       # 16 clips / 4 = 4 steps x 6 epochs
+
+    killed = tmp_path / 'killed'
+    process = subprocess.Popen(cli('cavmae-sync-pretrain') + pretrain_args(clips, killed, *common), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:                 # wait until a mid-epoch step past a checkpoint
+        log = killed / 'train_log.csv'
+        if log.exists() and len(log.read_text().splitlines()) - 1 >= 8: break
+        time.sleep(0.02)
+    assert process.poll() is None, f'the run ended before it could be killed: {process.stderr.read()[-2000:]}'
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / 'model.pt').exists()
+    saved_step = load_checkpoint(killed / 'last.pt').training_state['step']
+    logged_step = int(pd.read_csv(killed / 'train_log.csv')['step'].max())
+    assert 3 <= saved_step < 24 and saved_step % 3 == 0 or saved_step % 4 == 0
+    assert logged_step - saved_step <= 3                                      # lost at most the steps since the last checkpoint
+
+    resumed = subprocess.run(cli('cavmae-sync-pretrain') + ['--config', str(killed / 'config.json'), '--resume'],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = step_losses(killed)
+    assert list(losses.index) == list(range(1, 25))
+    torch.testing.assert_close(torch.tensor(losses.values), torch.tensor(reference.values), rtol=1e-6, atol=1e-7)
+    final_a, final_b = load_checkpoint(full / 'model.pt').state_dict, load_checkpoint(killed / 'model.pt').state_dict
+    assert all(torch.allclose(final_a[k], final_b[k], rtol=1e-5, atol=1e-6) for k in final_a)
+    evaluations = pd.read_csv(killed / 'eval_log.csv')
+    assert evaluations['step'].is_monotonic_increasing and evaluations['step'].is_unique
+
+
+def test_torchrun_two_processes_on_cpu(clips, tmp_path):
+    out = tmp_path / 'ddp'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--no-python']
+    done = subprocess.run(torchrun + cli('cavmae-sync-pretrain') + pretrain_args(clips, out, '--max_steps', '6', '--checkpoint_every', '3'),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.glob('*.pt')) == ['last.pt', 'model.pt']          # written once (rank 0), no stray files
+    assert not list(out.glob('.*tmp*'))
+    state = load_checkpoint(out / 'last.pt').training_state
+    assert state['step'] == 6 and len(state['rng_states']) == 2                         # both ranks' RNG states
+    derived = json.loads((out / 'config.json').read_text())['derived']
+    assert derived['world_size'] == 2 and derived['micro_batch'] == 2
+    assert len(pd.read_csv(out / 'train_log.csv')) == 6                                 # one log, from rank 0
+    load_checkpoint(out / 'model.pt').build_model()                                     # the weights load strictly
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary['steps'] == 6 and summary['completed']
+
+
+def mini_config(clips: Path, out: Path, cls=train.PretrainConfig, **overrides):
+    return train.config_from_args(cls, pretrain_args(clips, out) + [f'--set={k}={v}' for k, v in overrides.items()])
+
+
+def test_nan_loss_stops_the_run(clips, tmp_path, monkeypatch):
+    original, calls = CAVMAESync.forward, {'n': 0}
+    def forward_with_nan(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls['n'] += 1
+        if calls['n'] == 5: out.loss = out.loss * float('nan')                  # the 5th training step
+        return out
+    monkeypatch.setattr(CAVMAESync, 'forward', forward_with_nan)
+    config = mini_config(clips, tmp_path / 'nan', epochs=3, checkpoint_every=2, eval_data='')
+    with pytest.raises(train.NonFiniteLossError, match=r'non-finite loss at step 5: loss=nan') as caught:
+        train.pretrain(config)
+    assert caught.value.step == 5 and 'mae_loss_audio' in caught.value.losses
+    state = load_checkpoint(tmp_path / 'nan' / 'last.pt')
+    assert state.training_state['step'] == 4                                    # the last good checkpoint
+    assert all(torch.isfinite(v).all() for v in state.state_dict.values() if v.is_floating_point())
+
+
+def test_cli_reports_nan_and_refuses_to_overwrite(clips, tmp_path):
+    out = tmp_path / 'run'
+    args = pretrain_args(clips, out, '--max_steps', '2', '--eval_data', '')
+    assert subprocess.run(cli('cavmae-sync-pretrain') + args, env=subprocess_env(), capture_output=True, timeout=300).returncode == 0
+    again = subprocess.run(cli('cavmae-sync-pretrain') + args, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and 'already holds a run' in again.stderr and 'Traceback' not in again.stderr
+    changed = subprocess.run(cli('cavmae-sync-pretrain') + args + ['--resume', '--lr', '5e-4'], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert changed.returncode != 0 and 'cannot resume' in changed.stderr and 'lr' in changed.stderr
+    typo = subprocess.run(cli('cavmae-sync-pretrain') + args + ['--set', 'learning_rate=1'], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "unknown setting 'learning_rate'" in typo.stderr
+
+
+def test_cached_items_equal_decoded_items(clips):
+    config = mini_config(clips, Path('unused'))
+    plain = train.clip_dataset(train.dataclasses.replace(config, cache='none'), config.train_data, 'train')
+    cached = train.clip_dataset(train.dataclasses.replace(config, cache='memory'), config.train_data, 'train')
+    assert isinstance(cached, train.DecodedClips) and not isinstance(plain, train.DecodedClips)
+    for index in range(3):
+        with train.seeded_global_rngs(index): a = plain[index]
+        with train.seeded_global_rngs(index): b = cached[index]
+        assert a['frame_index'] == b['frame_index']
+        assert torch.equal(a['frames'], b['frames']) and torch.equal(a['audio'], b['audio']) and torch.equal(a['labels'], b['labels'])
+
+
+def test_finetune_and_linear_probe(clips, tmp_path):
+    pretrained = train.pretrain(mini_config(clips, tmp_path / 'pre', max_steps=4, eval_data=''))
+    common = pretrain_args(clips, tmp_path / 'ft', '--pretrained', str(pretrained.checkpoint_path), '--epochs', '2',
+                           '--head_lr_multiplier', '10', '--freqm', '8', '--timem', '8', '--mixup', '0.5', '--label_smoothing', '0.1',
+                           '--balanced_sampling', '--average_from_epoch', '1')
+    result = train.finetune(train.config_from_args(train.FinetuneConfig, common))
+    assert result.metric_name == 'mAP' and 0 <= result.metric <= 100           # the synthetic set is multi-label
+    model = load_checkpoint(result.checkpoint_path).build_model()
+    assert model.num_classes == 10
+    evaluations = pd.read_csv(tmp_path / 'ft' / 'eval_log.csv')
+    assert evaluations['averaged_epochs'].dropna().iloc[-1] == 2
+    probe_args = [a if a != str(tmp_path / 'ft') else str(tmp_path / 'probe') for a in common] + ['--method', 'linear_probe', '--probe_epochs', '5']
+    probe = train.finetune(train.config_from_args(train.FinetuneConfig, probe_args))
+    assert probe.metric_name == 'mAP' and len(probe.history) == 5
