@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from .config import NUM_MEL_BINS, NUM_FRAMES, TARGET_LENGTH
+from .config import NUM_MEL_BINS, NUM_FRAMES, TARGET_LENGTH, atomic_file
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, CAVMAESyncEncoder
 
 # %% auto #0
@@ -184,19 +183,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else: return model
 
 def atomic_torch_save(obj, path) -> Path:
-    "`torch.save` to a temporary file beside `path`, fsync, then `os.replace` (atomic on POSIX)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
+    "`torch.save` through `config.atomic_file`: flushed to disk, then renamed over `path` (a kill leaves the old file or the new one)."
+    with atomic_file(path, fsync=True) as partial: torch.save(obj, partial)
+    return Path(path)
 
 def save_checkpoint(path,                          # destination file
                     model: nn.Module,              # CAVMAESync / CAVMAESyncClassifier (DDP / compiled unwrapped)

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .retrieval import iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint, _atomic_save
+from .checkpoint import atomic_torch_save
+from .retrieval import iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint
 
 # %% auto #0
 __all__ = ['FEATURE_MODALITIES', 'average_precision', 'MAPResult', 'mean_average_precision', 'accuracy', 'LinearProbe',
@@ -283,7 +283,7 @@ def extract_features(model,                        # a `CAVMAESync` (or any enco
         targets.append(batch['labels'].float()); ids += batch.get('video_id') or [str(p) for p in batch['positions']]
     if not features: raise ValueError(f"no clip of the data set ({len(dataset)} items) could be loaded")
     result = ClipFeatures(torch.cat(features), torch.cat(targets), modality, ids, sorted(skipped), fingerprint)
-    if cache_path is not None: _atomic_save({'format': 'cavmae_sync.ClipFeatures/1', **result.__dict__}, cache_path)
+    if cache_path is not None: atomic_torch_save({'format': 'cavmae_sync.ClipFeatures/1', **result.__dict__}, cache_path)
     return result
 
 # %% ../nbs/10_classification.ipynb #5e342f35

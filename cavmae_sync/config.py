@@ -4,13 +4,14 @@
 
 # %% ../nbs/00_config.ipynb #978f3f66
 from __future__ import annotations
-import os
-from dataclasses import dataclass, asdict, field
+import contextlib, os, uuid
+from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import Iterator
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'MediaError', 'PreprocessConfig', 'project_root', 'data_dir']
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'MediaError', 'PreprocessConfig', 'project_root', 'data_dir', 'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -70,3 +71,20 @@ def project_root() -> Path:
 def data_dir() -> Path:
     "Folder for generated data sets, caches and trained models: `$CAVMAE_SYNC_DATA` or `<repo>/data`."
     return Path(os.environ.get('CAVMAE_SYNC_DATA') or project_root() / 'data')
+
+# %% ../nbs/00_config.ipynb #9fa68819
+@contextlib.contextmanager
+def atomic_file(path,                 # the file to (re)place
+                fsync: bool = False,  # flush the data to disk before the rename (checkpoints: survive a power loss too)
+               ) -> Iterator[Path]:   # a temporary path in the same folder to write to
+    "Write to the yielded temporary path; on success it replaces `path` in one rename, on an error it is removed."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f'.{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')   # unique: concurrent writers never collide
+    try:
+        yield partial
+        if fsync:
+            with open(partial, 'rb') as f: os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from .config import MediaError, PreprocessConfig
+from .config import MediaError, PreprocessConfig, atomic_file
 from .audio import load_audio, clip_spectrogram, window_bounds
 from .video import (VIDEO_EXTENSIONS, check_media_file, read_frames, eval_transform, train_transform,
                                FrameTransform, _pyav_frame_times)
@@ -175,10 +175,7 @@ def find_videos(folder) -> list[Path]:
     return sorted(p for p in folder.rglob('*') if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
 
 def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f'.{path.name}.{os.getpid()}.partial')
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    with atomic_file(path) as partial: partial.write_bytes(data)
 
 def probe_video(path) -> None:
     "Cheap validity check without decoding: the file opens, has an audio stream and a complete video stream."
@@ -201,10 +198,7 @@ def extract_clip(path, out_dir, config: PreprocessConfig | None = None, quality:
     for t, crop in enumerate(crops):
         _atomic_write(out_dir / 'frames' / f'frame_{t}' / f'{video_id}.jpg', _jpeg_bytes(crop, quality))
     wav_path = out_dir / 'audio' / f'{video_id}.wav'
-    wav_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = wav_path.with_name(f'.{wav_path.name}.{os.getpid()}.partial')
-    soundfile.write(str(partial), pcm, config.sample_rate, subtype='PCM_16', format='WAV')
-    os.replace(partial, wav_path)
+    with atomic_file(wav_path) as partial: soundfile.write(str(partial), pcm, config.sample_rate, subtype='PCM_16', format='WAV')
     return {'video_id': video_id, 'wav': str(wav_path.resolve()), 'video_path': str((out_dir / 'frames').resolve())}
 
 def _prepare_one(task):

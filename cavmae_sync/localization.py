@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_localization.ipynb #521195bd
 from __future__ import annotations
-import io, os, warnings
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .config import PreprocessConfig, MediaError, IMAGENET_MEAN, IMAGENET_STD
+from .config import PreprocessConfig, MediaError
 from .classification import _average_precision_columns
 from .video import eval_transform, unnormalize
 import torchvision.transforms.v2 as transforms

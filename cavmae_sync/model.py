@@ -4,7 +4,6 @@
 
 # %% ../nbs/04_model.ipynb #9fbc9907
 from __future__ import annotations
-import math
 from dataclasses import dataclass, asdict, fields
 from typing import Optional
 import torch

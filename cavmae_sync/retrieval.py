@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_retrieval.ipynb #759d9394
 from __future__ import annotations
-import hashlib, json, math, os, tempfile, warnings
+import hashlib, json, warnings
 from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .config import PreprocessConfig
+from .checkpoint import atomic_torch_save
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'similarity', 'retrieval_ranks', 'recall_metrics', 'retrieval_table', 'class_balanced_subset',
@@ -169,7 +170,7 @@ class ClipEmbeddings:
 
     def save(self, path):
         "Write atomically: a temporary file in the same folder, then a rename."
-        _atomic_save({'format': 'cavmae_sync.ClipEmbeddings/1', **asdict(self)}, path)
+        atomic_torch_save({'format': 'cavmae_sync.ClipEmbeddings/1', **asdict(self)}, path)
 
     @classmethod
     def load(cls, path) -> 'ClipEmbeddings':
@@ -178,18 +179,6 @@ class ClipEmbeddings:
             raise ValueError(f"{path}: not a ClipEmbeddings file")
         data.pop('format')
         return cls(**data)
-
-def _atomic_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 # %% ../nbs/09_retrieval.ipynb #8407a703
 def _jsonable(x):
@@ -273,20 +262,30 @@ def encode_clip_batch(model,                      # a `CAVMAESync` (anything wit
                       frames: torch.Tensor,       # (B, T, 3, H, W) frames
                       device=None,
                       normalize: bool = True,     # L2-normalize each frame's embedding
+                      whole_clip_audio: bool = False,  # the T windows of a clip are one whole-clip spectrogram (CAV-MAE): encode it once
                      ) -> tuple[torch.Tensor, torch.Tensor]:   # audio, video embeddings (B, T, D) float32 on the CPU
     "All T frames of B clips through the encoder as one (B*T) batch."
     if audio.ndim != 4 or frames.ndim != 5 or audio.shape[:2] != frames.shape[:2]:
         raise ValueError(f"expected audio (B, T, L, mel) and frames (B, T, 3, H, W) with the same B, T; got {tuple(audio.shape)} and {tuple(frames.shape)}")
     device = _model_device(model, device)
     B, T = audio.shape[:2]
+    if whole_clip_audio and not torch.equal(audio[:, :1].expand_as(audio), audio):
+        raise ValueError("whole_clip_audio=True, but the audio windows of a clip differ: the data set's window must cover the whole "
+                         f"clip spectrogram (window {audio.shape[2]} frames here)")
     with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-        out = model.encode(audio.flatten(0, 1).to(device, non_blocking=True), frames.flatten(0, 1).to(device, non_blocking=True))
-    audio_emb, video_emb = out.audio_embedding.float(), out.video_embedding.float()     # (B*T, D)
+        if whole_clip_audio:      # one audio embedding per clip, paired with each of its T frames
+            audio_emb = model.encode_audio(audio[:, 0].to(device, non_blocking=True)).embedding                  # (B, D)
+            audio_emb = audio_emb[:, None].expand(B, T, -1).flatten(0, 1)                                      # (B*T, D)
+            video_emb = model.encode_video(frames.flatten(0, 1).to(device, non_blocking=True)).embedding       # (B*T, D)
+        else:
+            out = model.encode(audio.flatten(0, 1).to(device, non_blocking=True), frames.flatten(0, 1).to(device, non_blocking=True))
+            audio_emb, video_emb = out.audio_embedding, out.video_embedding                                    # (B*T, D)
+    audio_emb, video_emb = audio_emb.float(), video_emb.float()                                                # (B*T, D)
     if normalize: audio_emb, video_emb = F.normalize(audio_emb, dim=-1), F.normalize(video_emb, dim=-1)
     return audio_emb.reshape(B, T, -1).cpu(), video_emb.reshape(B, T, -1).cpu()          # (B, T, D)
 
 def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_workers: int = 0, normalize: bool = True,
-                    start: int = 0, progress: bool = True, desc: str = 'embedding clips') -> Iterator[dict]:
+                    start: int = 0, progress: bool = True, desc: str = 'embedding clips', whole_clip_audio: bool = False) -> Iterator[dict]:
     """Encode a data set batch by batch in eval mode: yields {'positions', 'skipped', 'audio' (B, T, D), 'video',
     'labels' (if the items have them), 'video_id' (if they have them)} per batch."""
     device = _model_device(model, device)
@@ -296,7 +295,8 @@ def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_worker
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, unit='batch'):
             if batch['positions']:
-                batch['audio'], batch['video'] = encode_clip_batch(model, batch.pop('audio'), batch.pop('frames'), device, normalize)
+                batch['audio'], batch['video'] = encode_clip_batch(model, batch.pop('audio'), batch.pop('frames'), device, normalize,
+                                                                   whole_clip_audio)
             yield batch
     finally: model.train(was_training)
 
@@ -310,9 +310,10 @@ def embed_dataset(model,                          # a `CAVMAESync` model
                   overwrite: bool = False,        # recompute when the cache was made by another model / data set
                   save_every: int = 100,          # batches between partial saves (resume after an interruption)
                   progress: bool = True,
+                  whole_clip_audio: bool = False, # CAV-MAE: one whole-clip audio embedding per clip, paired with each of its T frames
                  ) -> ClipEmbeddings:
     "Per-frame audio and visual embeddings of every clip of a data set, kept in `cache_path` when given."
-    fingerprint = f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}'
+    fingerprint = f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}' + ('-whole-clip-audio' if whole_clip_audio else '')
     cache_path = Path(cache_path) if cache_path is not None else None
     partial_path = cache_path.with_name(cache_path.name + '.partial') if cache_path else None
     if cache_path is not None and cache_path.exists():
@@ -329,10 +330,11 @@ def embed_dataset(model,                          # a `CAVMAESync` model
     known_ids = clip_ids(dataset)
 
     def save_partial(next_position):
-        _atomic_save({'fingerprint': fingerprint, 'audio': torch.cat(audio), 'video': torch.cat(video), 'video_ids': ids,
+        atomic_torch_save({'fingerprint': fingerprint, 'audio': torch.cat(audio), 'video': torch.cat(video), 'video_ids': ids,
                       'skipped': skipped, 'next_position': next_position}, partial_path)
 
-    for step, batch in enumerate(iterate_encoded(model, dataset, batch_size, device, num_workers, start=start, progress=progress), 1):
+    batches = iterate_encoded(model, dataset, batch_size, device, num_workers, start=start, progress=progress, whole_clip_audio=whole_clip_audio)
+    for step, batch in enumerate(batches, 1):
         skipped += batch['skipped']
         if batch['positions']:
             audio.append(batch['audio']); video.append(batch['video'])

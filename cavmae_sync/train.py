@@ -5,9 +5,9 @@
 # %% ../nbs/08_train.ipynb #a9f523f0
 from __future__ import annotations
 import argparse, contextlib, dataclasses, difflib, hashlib, json, math, os, random, sys, time, typing, warnings
-from dataclasses import dataclass, field, asdict, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, Sampler
 
-from .config import PreprocessConfig, MediaError, data_dir
+from .config import PreprocessConfig, MediaError, data_dir, atomic_file
 from .audio import load_audio, clip_spectrogram, window_bounds
 from .video import read_frames, check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
 from .data import ClipDataset, DatafileDataset, ClipSource, collate_clips, FBANK_SHIFT_SECONDS, LABEL_CSV_NAME
@@ -262,10 +262,7 @@ def load_config(path, cls: type | None = None) -> TrainConfig:
     except (TypeError, ValueError) as e: raise ValueError(f"{path}: {e}") from None
 
 def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as partial: partial.write_text(text)
 
 # %% ../nbs/08_train.ipynb #bb423ed2
 def _field_help(cls) -> dict:

@@ -4,7 +4,6 @@
 
 # %% ../nbs/02_video.ipynb #0cab46a5
 from __future__ import annotations
-import bisect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

@@ -178,7 +178,7 @@ def test_localization_notebook(retrieval_run, data_env, tmp_path):
 
 def test_ablations_notebook(retrieval_run, data_env, tmp_path):
     notebook = run_notebook('ablations', tmp_path, figures_dir=str(tmp_path), ablation_minutes=SMALL['train_minutes'],
-                            variants=['window 128'], eval_frames=[1, 16], **SMALL)
+                            variants={'window 128': {'audio_length': 128}}, eval_frames=[1, 16], **SMALL)
     results = pd.read_csv(tmp_path / 'ablations.csv')
     assert {'ablation', 'variant', 'direction', 'strategy', *RECALLS, 'MR', 'clips', 'frames'} <= set(results.columns)
     variants = results.groupby('ablation', sort=False)['variant'].unique().map(list).to_dict()
