@@ -512,19 +512,19 @@ class RunLog:
         else:
             with open(path, 'a') as f: f.write(pd.DataFrame([row]).to_csv(index=False, header=False))
 
-    def train(self, row: dict):
-        if not self.active: return
-        self._append(self.train_csv, self.train_rows, row)
+    def _record(self, split: str, path: Path, rows: list, row: dict):
+        "A row into its CSV log, and its numbers into TensorBoard as `split/name`."
+        self._append(path, rows, row)
         if self.writer:
             for k, v in row.items():
-                if k not in ('step', 'epoch') and isinstance(v, (int, float)): self.writer.add_scalar(f'train/{k}', v, row['step'])
+                if k not in ('step', 'epoch') and isinstance(v, (int, float)): self.writer.add_scalar(f'{split}/{k}', v, row['step'])
+
+    def train(self, row: dict):
+        if self.active: self._record('train', self.train_csv, self.train_rows, row)
 
     def eval(self, row: dict):
         if not self.active: return
-        self._append(self.eval_csv, self.eval_rows, row)
-        if self.writer:
-            for k, v in row.items():
-                if k not in ('step', 'epoch') and isinstance(v, (int, float)): self.writer.add_scalar(f'eval/{k}', v, row['step'])
+        self._record('eval', self.eval_csv, self.eval_rows, row)
         if self.bar is not None: self.bar.write(f"step {row['step']}: " + ', '.join(f'{k}={v:.4g}' for k, v in row.items() if k not in ('step', 'epoch')))
 
     def progress(self, steps: int, **postfix):
@@ -1233,14 +1233,16 @@ def pretrained_tiny(kind: str = 'sync',       # 'sync' or 'cavmae'
     "Checkpoint of a tiny model pretrained on `data_root`, trained once and cached under `data_dir()/models/`."
     config = tiny_pretrain_config(kind, data_root, progress=progress, **overrides)
     identity = {k: v for k, v in config.to_dict().items() if k not in ('output_dir', 'progress', 'max_steps', 'resume', 'num_workers')}
-    identity.update(minutes=minutes, train=_file_digest(config.train_data), eval=_file_digest(config.eval_data) if config.eval_data else '')
+    identity.update(minutes=float(minutes),               # float: minutes=8 and minutes=8.0 are the same model
+                    train=_file_digest(config.train_data), eval=_file_digest(config.eval_data) if config.eval_data else '')
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = data_dir() / 'models' / f'tiny_{kind}_{key}'
     if (out / 'model.pt').is_file(): return out / 'model.pt'
     if (out / 'config.json').is_file(): config = dataclasses.replace(load_config(out / 'config.json', PretrainConfig), progress=progress)
     else:
         speed = measure_pretraining(config)
-        evaluations = 5
+        # each evaluation embeds the held-out clips (about half a minute for the tiny model on 2 cores): fewer of them in short budgets
+        evaluations = max(1, min(5, round(minutes / 2)))
         steps = max(evaluations, int(0.8 * minutes * 60 / speed['seconds_per_step']) // evaluations * evaluations)   # 20% for evaluations
         config = dataclasses.replace(config, max_steps=steps, eval_every=steps // evaluations)
     config = dataclasses.replace(config, output_dir=str(out), resume='last', max_minutes=minutes * 1.5)
