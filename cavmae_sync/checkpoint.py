@@ -184,7 +184,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def atomic_torch_save(obj, path) -> Path:
     "`torch.save` through `config.atomic_file`: flushed to disk, then renamed over `path` (a kill leaves the old file or the new one)."
-    with atomic_file(path, fsync=True) as partial: torch.save(obj, partial)
+    with atomic_file(path, fsync=True) as partial, open(partial, 'wb') as f: torch.save(obj, f)
     return Path(path)
 
 def save_checkpoint(path,                          # destination file
