@@ -650,7 +650,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'cavmae_sync.train.dataset_targets': ('train.html#dataset_targets', 'cavmae_sync/train.py'),
                                    'cavmae_sync.train.decode_clips': ('train.html#decode_clips', 'cavmae_sync/train.py'),
                                    'cavmae_sync.train.default_param_groups': ('train.html#default_param_groups', 'cavmae_sync/train.py'),
-                                   'cavmae_sync.train.embed_clips': ('train.html#embed_clips', 'cavmae_sync/train.py'),
                                    'cavmae_sync.train.finetune': ('train.html#finetune', 'cavmae_sync/train.py'),
                                    'cavmae_sync.train.finetune_cli': ('train.html#finetune_cli', 'cavmae_sync/train.py'),
                                    'cavmae_sync.train.fit': ('train.html#fit', 'cavmae_sync/train.py'),

@@ -31,8 +31,8 @@ __all__ = ['MODEL_PRESETS', 'RESUME_FREE_SETTINGS', 'PRETRAINING_ONLY_FIELDS', '
            'SeededSamples', 'rng_state', 'set_rng_state', 'NonFiniteLossError', 'check_finite', 'DistributedContext',
            'setup_distributed', 'RunLog', 'TrainTask', 'FitResult', 'default_param_groups', 'resolve_precision',
            'save_training_state', 'load_training_state', 'fit', 'decode_clips', 'DecodedClips', 'CentreCropTraining',
-           'dataset_targets', 'label_csv_for', 'clip_dataset', 'retrieval_evaluation', 'embed_clips', 'PretrainResult',
-           'pretrain', 'spec_augment', 'mixup', 'classification_loss', 'FinetuneResult', 'finetune', 'clip_features',
+           'dataset_targets', 'label_csv_for', 'clip_dataset', 'retrieval_evaluation', 'PretrainResult', 'pretrain',
+           'spec_augment', 'mixup', 'classification_loss', 'FinetuneResult', 'finetune', 'clip_features',
            'pretrain_cli', 'finetune_cli', 'tiny_pretrain_config', 'measure_pretraining', 'pretrained_tiny']
 
 # %% ../nbs/08_train.ipynb #da2cfd5a
@@ -906,27 +906,15 @@ def retrieval_evaluation(model: nn.Module,          # a CAVMAESync (or anything 
                          strategy: str = 'diagonal_mean',
                         ) -> dict:
     "R@1/5/10 and median rank of audio->video and video->audio retrieval on `dataset`, plus chance R@1."
-    from cavmae_sync.retrieval import similarity, recall_metrics
-    audio, video = embed_clips(model, dataset, batch_size)
+    from cavmae_sync.retrieval import iterate_encoded, similarity, recall_metrics
+    batches = [b for b in iterate_encoded(model, dataset, batch_size, progress=False) if b['positions']]
+    audio, video = torch.cat([b['audio'] for b in batches]), torch.cat([b['video'] for b in batches])   # (N, T, D) L2-normalized
     scores = similarity(audio, video, strategy)                      # (N, N) audio x video
     metrics = {}
     for direction, matrix in (('a2v', scores), ('v2a', scores.T)):
         metrics.update({f'{direction}_{k}': v for k, v in recall_metrics(matrix).items()})
     metrics['chance_R@1'] = 100.0 / len(scores)
     return metrics
-
-@torch.no_grad()
-def embed_clips(model: nn.Module, dataset: Dataset, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    "(N, T, D) L2-normalized audio and visual embeddings of every clip: all T frames of a batch go through `encode` at once."
-    device = next(model.parameters()).device
-    audio_all, video_all = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        audio, frames = batch['audio'].to(device), batch['frames'].to(device)       # (B, T, L, F), (B, T, 3, H, W)
-        B, T = audio.shape[:2]
-        out = model.encode(audio.flatten(0, 1), frames.flatten(0, 1))             # (B*T, ...)
-        audio_all.append(F.normalize(out.audio_embedding.float(), dim=-1).reshape(B, T, -1).cpu())   # (B, T, D)
-        video_all.append(F.normalize(out.video_embedding.float(), dim=-1).reshape(B, T, -1).cpu())
-    return torch.cat(audio_all), torch.cat(video_all)
 
 def _pretrain_losses(model: nn.Module, batch: dict) -> dict:
     out = model(batch['audio'], batch['frames'])                   # (B, L, F), (B, 3, H, W)
