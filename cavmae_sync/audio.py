@@ -5,6 +5,7 @@
 # %% ../nbs/01_audio.ipynb #c5fd325a
 from __future__ import annotations
 import functools
+import warnings
 import math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -18,8 +19,9 @@ from .config import (MediaError, SAMPLE_RATE, NUM_MEL_BINS, TARGET_LENGTH, AUDIO
                                 NUM_FRAMES, WINDOW)
 
 # %% auto #0
-__all__ = ['LOG_FLOOR', 'mel_scale', 'mel_filterbank', 'mel_center_frequencies', 'kaldi_fbank', 'load_audio', 'clip_fbank',
-           'clip_spectrogram', 'window_bounds', 'frame_windows', 'AudioStats', 'audio_stats']
+__all__ = ['LOG_FLOOR', 'START_OFFSET_TOLERANCE', 'mel_scale', 'mel_filterbank', 'mel_center_frequencies', 'kaldi_fbank',
+           'stream_start_offset', 'load_audio', 'clip_fbank', 'clip_spectrogram', 'window_bounds', 'frame_windows',
+           'AudioStats', 'audio_stats']
 
 # %% ../nbs/01_audio.ipynb #1e258908
 def mel_scale(freq):
@@ -112,6 +114,15 @@ def kaldi_fbank(waveform: torch.Tensor,     # (N,) or (1, N) float samples
     return energies.clamp_min(LOG_FLOOR).log()
 
 # %% ../nbs/01_audio.ipynb #9a2180eb
+START_OFFSET_TOLERANCE = 0.05  # s: encoder priming (an AAC frame is 21-23 ms) is not an offset worth aligning
+
+def stream_start_offset(container) -> float:
+    "Seconds from the first video stream's start to the first audio stream's start (positive: the audio starts later); 0 without both."
+    if not container.streams.audio or not container.streams.video: return 0.0
+    audio, video = container.streams.audio[0], container.streams.video[0]
+    if audio.start_time is None or video.start_time is None or audio.time_base is None or video.time_base is None: return 0.0
+    return float(audio.start_time * audio.time_base - video.start_time * video.time_base)
+
 def _riff_data_shortfall(path: Path) -> int:
     "Bytes missing from a RIFF/WAVE file's data chunk (0 when complete, unknown or not a wav): ffmpeg silently shortens such files."
     with open(path, 'rb') as f:
@@ -139,6 +150,7 @@ def _declared_seconds(stream) -> float | None:
 def load_audio(path,                          # any container PyAV reads: mp4, m4a, mkv, webm, wav, flac, ...
                sample_rate: int = SAMPLE_RATE,  # output rate in Hz
                pcm16: bool = False,           # round to 16-bit PCM like the wav files of the official pipeline
+               align_to_video: bool = False,  # a file with a video stream: put sample 0 at the first frame's time (see below)
               ) -> torch.Tensor:             # (N,) float32, first channel only
     "Decode the first audio stream's first channel, resampled to `sample_rate`; raise `MediaError` for anything unusable."
     path = Path(path)
@@ -152,6 +164,7 @@ def load_audio(path,                          # any container PyAV reads: mp4, m
         stream = container.streams.audio[0]
         if stream.codec_context is None: raise MediaError(path, 'audio stream cannot be decoded (unknown codec or damaged header)')
         source_rate = stream.codec_context.sample_rate
+        offset = stream_start_offset(container) if align_to_video else 0.0
         resampler = av.AudioResampler(format='s16p' if pcm16 else 'fltp', rate=sample_rate)  # layout kept: no downmix
         first_channel, decoded_samples = [], 0
         try:
@@ -170,7 +183,15 @@ def load_audio(path,                          # any container PyAV reads: mp4, m
     missing = _riff_data_shortfall(path)
     if missing: raise MediaError(path, f'truncated wav file: {missing} bytes of its data chunk are missing')
     samples = torch.from_numpy(np.concatenate(first_channel))
-    return samples.float() / 32768 if pcm16 else samples
+    samples = samples.float() / 32768 if pcm16 else samples
+    if abs(offset) < START_OFFSET_TOLERANCE: return samples
+    shift = round(abs(offset) * sample_rate)
+    what = f'padded with {offset:.2f} s of silence before it' if offset > 0 else f'its first {-offset:.2f} s dropped'
+    warnings.warn(f"{path}: the audio stream starts {offset:+.2f} s from the video stream; aligned to the video's frames ({what}). "
+                  "The released extraction (ffmpeg -vn to a wav) ignores such an offset, so its windows would be shifted by it.", stacklevel=2)
+    if offset > 0: return torch.cat([samples.new_zeros(shift), samples])                  # (shift + N,)
+    if shift >= len(samples): raise MediaError(path, f'the audio stream ends before the video stream starts ({offset:+.2f} s)')
+    return samples[shift:]
 
 # %% ../nbs/01_audio.ipynb #89984629
 def clip_fbank(waveform: torch.Tensor,          # (N,) or (1, N) samples at sample_rate

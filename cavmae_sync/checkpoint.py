@@ -4,7 +4,9 @@
 
 # %% ../nbs/06_checkpoint.ipynb #0569e1ab
 from __future__ import annotations
+import hashlib
 import os
+import pickle
 import random
 import re
 from dataclasses import dataclass, field
@@ -17,9 +19,11 @@ from .config import NUM_MEL_BINS, NUM_FRAMES, TARGET_LENGTH, atomic_file
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, CAVMAESyncEncoder
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'strip_prefix', 'OfficialLayout', 'count_blocks', 'infer_official_config',
-           'check_state_dict', 'load_official', 'Checkpoint', 'unwrap_model', 'atomic_torch_save', 'save_checkpoint',
-           'load_checkpoint', 'capture_rng_state', 'restore_rng_state', 'ImageNetInit', 'init_from_imagenet_mae']
+__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'strip_prefix', 'safe_load', 'OfficialLayout', 'count_blocks',
+           'infer_official_config', 'check_state_dict', 'file_sha256', 'describe_architecture', 'load_official',
+           'Checkpoint', 'unwrap_model', 'atomic_torch_save', 'save_checkpoint', 'is_our_format',
+           'checkpoint_from_payload', 'load_checkpoint', 'convert_trusted_checkpoint', 'capture_rng_state',
+           'restore_rng_state', 'load_model_file', 'holds_classifier', 'ImageNetInit', 'init_from_imagenet_mae']
 
 # %% ../nbs/06_checkpoint.ipynb #032c291f
 class CheckpointError(ValueError):
@@ -46,14 +50,28 @@ def _unwrap_state_dict(obj, source: str) -> dict:
         if obj and all(torch.is_tensor(v) for v in obj.values()): return obj
     raise CheckpointError(f"{source}: not a state dict (expected a dict of tensors, possibly under 'model' or 'state_dict')")
 
+def safe_load(path,                       # a file written by `torch.save`
+              map_location='cpu',         # where its tensors are loaded
+             ):
+    "`torch.load` with the weights-only unpickler: tensors, numbers, strings and containers load; a pickle that would run code is refused."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r'GLOBAL ([\w.]+)', str(e))             # the function or class the pickle would call
+        detail = f'it names {named.group(1)}' if named else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused: the file holds Python objects beyond tensors and plain values ({detail}); "
+                              "unpickling it could run code from the file. A cavmae_sync checkpoint written before the safe "
+                              "format can be converted once, if you trust its origin: "
+                              "cavmae_sync.checkpoint.convert_trusted_checkpoint(path, new_path)") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {e})") from e
+
 def _read_state_dict(source, map_location='cpu') -> tuple[dict, str]:
     "A state dict from a path or an in-memory dict, with the DataParallel prefix stripped."
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint file")
-        try: obj = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e: raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from e
-        return strip_prefix(_unwrap_state_dict(obj, str(path))), str(path)
+        return strip_prefix(_unwrap_state_dict(safe_load(path, map_location), str(path))), str(path)
     if isinstance(source, dict): return strip_prefix(_unwrap_state_dict(source, 'state dict')), 'state dict'
     raise TypeError(f"expected a path or a state dict, got {type(source).__name__}")
 
@@ -100,10 +118,10 @@ def infer_official_config(state_dict: dict,              # official state dict, 
                     contrastive_heads=head_depth > 0, contrastive_head_depth=head_depth or 2)
     if settings['joint_depth'] == 0: raise CheckpointError("blocks_u: no joint block in the state dict")
     if settings['mlp_ratio'] == int(settings['mlp_ratio']): settings['mlp_ratio'] = float(int(settings['mlp_ratio']))
-    if num_frames is None:
-        whole_clip = audio_length >= TARGET_LENGTH and not settings['global_tokens'] and not R2
-        num_frames = 1 if whole_clip else NUM_FRAMES
+    whole_clip = audio_length >= TARGET_LENGTH and not settings['global_tokens'] and not R2     # the CAV-MAE baseline
+    if num_frames is None: num_frames = 1 if whole_clip else NUM_FRAMES
     settings['num_frames'] = num_frames
+    settings['frame_preset'] = 'cavmae' if whole_clip else 'released'       # the frames each release was trained on
     if 'decoder_embed.weight' in state_dict:
         settings.update(decoder_embed_dim=state_dict['decoder_embed.weight'].shape[0], decoder_num_heads=decoder_num_heads,
                         decoder_depth=count_blocks(state_dict, 'decoder_blocks'))
@@ -133,11 +151,29 @@ def _build_and_assign(build, state_dict: dict) -> nn.Module:
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
+def file_sha256(path) -> str:
+    "The SHA-256 of a file's bytes (read in 16 MiB blocks): what a user compares with the published checksum."
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''): digest.update(block)
+    return digest.hexdigest()
+
+def describe_architecture(config: ModelConfig) -> str:
+    "CAV-MAE Sync (frame-aligned windows, global / register tokens) or the CAV-MAE baseline, as the weights say."
+    if config.global_tokens or config.num_registers or config.audio_length < TARGET_LENGTH:
+        parts = [f"{config.audio_length}-frame audio windows", f"{config.num_registers} register tokens",
+                 'global tokens' if config.global_tokens else 'no global tokens (mean-pooled features)']
+        if config.contrastive_heads: parts.append('contrastive heads')
+        return f"CAV-MAE Sync architecture ({', '.join(parts)}; width {config.embed_dim})"
+    return (f"CAV-MAE architecture (one {config.audio_length}-frame spectrogram per clip, no global or register tokens; "
+            f"width {config.embed_dim}): not CAV-MAE Sync")
+
 def load_official(state_dict_or_path,             # path to an official .pth, or its state dict
                   num_heads: int = 12,            # encoder attention heads
                   decoder_num_heads: int = 16,    # decoder attention heads
                   num_frames: Optional[int] = None,  # T recorded in the config (see `infer_official_config`)
                   map_location='cpu',             # where a file's tensors are loaded
+                  verbose: bool = True,           # print the file's sha256 and the architecture read off it
                  ) -> Union[CAVMAESync, CAVMAESyncClassifier]:
     "Load an official CAV-MAE / CAV-MAE Sync checkpoint strictly; returns the model in eval mode."
     state_dict, source = _read_state_dict(state_dict_or_path, map_location)
@@ -150,6 +186,9 @@ def load_official(state_dict_or_path,             # path to an official .pth, or
         model = _build_and_assign(build, state_dict)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    if verbose and isinstance(state_dict_or_path, (str, os.PathLike)):
+        print(f"{source}: sha256 {file_sha256(source)}; {describe_architecture(layout.config)}"
+              + (f", fine-tuned classifier ({layout.num_classes} classes)" if layout.kind == 'finetune' else ''))
     return model.eval()
 
 # %% ../nbs/06_checkpoint.ipynb #eb3fccc0
@@ -209,30 +248,93 @@ def save_checkpoint(path,                          # destination file
                'model_kwargs': kwargs, 'state_dict': model.state_dict(), 'training_state': training_state}
     return atomic_torch_save(payload, path)
 
-def load_checkpoint(path, map_location='cpu') -> Checkpoint:
-    "Read a checkpoint written by `save_checkpoint` (use `load_official` for the released weights)."
+def is_our_format(payload) -> bool:
+    "Whether a loaded file claims to be a cavmae_sync checkpoint (any version): then it is never read as released weights."
+    return isinstance(payload, dict) and str(payload.get('format', '')).startswith('cavmae_sync.checkpoint/')
+
+def checkpoint_from_payload(payload: dict, path) -> Checkpoint:
+    "The `Checkpoint` in a loaded payload; a `CheckpointError` naming the file when it is another version or malformed."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try: payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e: raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a cavmae_sync checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r}); "
-                              "official weights load with load_official")
+    if not is_our_format(payload):
+        found = payload.get('format') if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a cavmae_sync checkpoint (format {found!r}); official weights load with load_official")
+    if payload['format'] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written in checkpoint format {payload['format']!r}; this version of cavmae_sync reads "
+                              f"{CHECKPOINT_FORMAT!r} (a newer file needs a newer cavmae_sync)")
+    missing = [k for k in ('config', 'model_class', 'model_kwargs', 'state_dict', 'training_state') if k not in payload]
+    if missing: raise CheckpointError(f"{path}: a {CHECKPOINT_FORMAT} checkpoint without {missing}: truncated or edited")
     try: config = ModelConfig.from_dict(payload['config'])
-    except ValueError as e: raise CheckpointError(f"{path}: invalid model config: {e}") from e
+    except (ValueError, TypeError) as e: raise CheckpointError(f"{path}: model config this version cannot read: {e}") from e
     return Checkpoint(path, config, payload['model_class'], payload['model_kwargs'], payload['state_dict'], payload['training_state'])
+
+def load_checkpoint(path, map_location='cpu') -> Checkpoint:
+    "Read a checkpoint written by `save_checkpoint`, without running code from it (use `load_official` for the released weights)."
+    return checkpoint_from_payload(safe_load(path, map_location), path)
+
+def _safe_values(obj):
+    "Turn the numpy arrays and scalars that older checkpoints pickled (RNG states) into tensors and plain numbers."
+    if isinstance(obj, np.ndarray): return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj)
+    if isinstance(obj, np.generic): return obj.item()
+    if isinstance(obj, dict): return {k: _safe_values(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(_safe_values(v) for v in obj)
+    return obj
+
+def convert_trusted_checkpoint(path,          # a cavmae_sync checkpoint from an earlier version, from a source you trust
+                               new_path,      # where the converted file goes (never over `path`)
+                              ) -> Path:
+    "Rewrite a checkpoint of an earlier version in the safe format. This unpickles `path` fully: use it on your own files only."
+    path, new_path = Path(path), Path(new_path)
+    if path.resolve() == new_path.resolve(): raise ValueError(f"{new_path}: write the converted checkpoint to a new file, keep {path}")
+    payload = torch.load(path, map_location='cpu', weights_only=False)      # the one deliberate full unpickling: the caller trusts the file
+    if not is_our_format(payload): raise CheckpointError(f"{path}: not a cavmae_sync checkpoint; released weights need no conversion")
+    state = payload.get('training_state', {})
+    for key in ('rng', 'rng_states'):
+        if key in state: state[key] = _safe_values(state[key])
+    payload = _safe_values(payload)
+    atomic_torch_save(payload, new_path)
+    load_checkpoint(new_path)                                               # proves the result loads safely
+    return new_path
 
 # %% ../nbs/06_checkpoint.ipynb #3da7f03f
 def capture_rng_state() -> dict:
-    "Python, NumPy, torch CPU and (if available) CUDA generator states."
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
+    "Python, NumPy, torch CPU and (once initialized) CUDA generator states, as tensors and plain values (safe to load)."
+    np_state = np.random.get_state()                      # ('MT19937', (624,) uint32 key, pos, has_gauss, cached_gaussian)
+    state = {'python': random.getstate(),
+             'numpy': {'key': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+             'torch': torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 def restore_rng_state(state: dict) -> None:
     "Inverse of `capture_rng_state`."
-    random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    torch.random.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+
+# %% ../nbs/06_checkpoint.ipynb #ef44b560
+def load_model_file(path,                        # a cavmae_sync checkpoint (.pt) or released official weights (.pth)
+                    device='cpu',                # where the model goes
+                    num_heads: int = 12,         # released weights only: encoder heads (not visible in a state dict)
+                    decoder_num_heads: int = 16, # released weights only: decoder heads
+                   ) -> nn.Module:
+    "The model in `path`, whichever format it has, strictly loaded without running code from the file, in eval mode on `device`."
+    payload = safe_load(path)
+    if is_our_format(payload): model = checkpoint_from_payload(payload, path).build_model()
+    else:
+        try: model = load_official(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+        except CheckpointError as e:
+            raise CheckpointError(f"neither a cavmae_sync checkpoint nor loadable as official weights: {e}") from None
+    return model.to(device).eval()
+
+def holds_classifier(path) -> bool:
+    "Whether a checkpoint file (either format) holds a fine-tuned classifier (its weights include a classification head); read safely."
+    payload = safe_load(path)
+    if is_our_format(payload): state = payload.get('state_dict', {})
+    else: state = payload.get('state_dict', payload.get('model', payload)) if isinstance(payload, dict) else {}
+    return isinstance(state, dict) and any(str(key).startswith('mlp_head.') for key in strip_prefix(state))
 
 # %% ../nbs/06_checkpoint.ipynb #0a63f1cb
 @dataclass

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_classification.ipynb #206232f8
 from __future__ import annotations
-import math
+import math, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,13 +15,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_torch_save
-from .retrieval import iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint
+from .checkpoint import atomic_torch_save, safe_load
+from .retrieval import (iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint, evaluation_autocast,
+                                   precision_tag)
 
 # %% auto #0
-__all__ = ['FEATURE_MODALITIES', 'average_precision', 'MAPResult', 'mean_average_precision', 'accuracy', 'LinearProbe',
-           'LinearProbeResult', 'linear_probe', 'ClipFeatures', 'extract_features', 'ClassifierEvaluation',
-           'evaluate_classifier']
+__all__ = ['NO_POSITIVE_RULES', 'NO_POSITIVE_WARNING', 'FEATURE_MODALITIES', 'REFERENCE_RESULT_FILES', 'REFERENCE_COLUMNS',
+           'average_precision_columns', 'average_precision', 'MAPResult', 'mean_average_precision', 'accuracy',
+           'LinearProbe', 'LinearProbeResult', 'linear_probe', 'ClipFeatures', 'extract_features',
+           'ClassifierEvaluation', 'evaluate_classifier', 'reference_results']
 
 # %% ../nbs/10_classification.ipynb #43b25942
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -36,9 +38,13 @@ def _binary_targets(targets: torch.Tensor, name: str = 'targets') -> torch.Tenso
             raise ValueError(f"{name} must be 0/1 (or bool), got values such as {targets[(targets != 0) & (targets != 1)][:3].tolist()}")
     return targets.bool()
 
-def _average_precision_columns(scores: torch.Tensor,   # (N, C) scores, higher = more likely positive
-                               targets: torch.Tensor,  # (N, C) bool
-                              ) -> torch.Tensor:       # (C,) float64 AP; NaN where a column has no positive
+NO_POSITIVE_RULES = ('zero', 'exclude')
+NO_POSITIVE_WARNING = "No positive class found in y_true, recall is set to one for all thresholds"   # scikit-learn's words
+
+def average_precision_columns(scores: torch.Tensor,   # (N, C) scores, higher = more likely positive
+                              targets: torch.Tensor,  # (N, C) bool
+                             ) -> torch.Tensor:       # (C,) float64 AP; NaN where a column has no positive
+    "Step-wise average precision of every column at once (ties enter together); NaN for a column without positives."
     order = scores.argsort(dim=0, descending=True, stable=True)                  # (N, C)
     sorted_scores = scores.gather(0, order)                                      # (N, C)
     true_pos = targets.gather(0, order).double().cumsum(0)                       # (N, C) TP among the top k+1
@@ -54,8 +60,10 @@ def _average_precision_columns(scores: torch.Tensor,   # (N, C) scores, higher =
 
 def average_precision(scores,    # (N,) scores of one class, higher = more likely positive
                       targets,   # (N,) 0/1 or bool: which clips are positives
+                      no_positives: str = 'zero',  # no positive at all: 'zero' (scikit-learn: 0 and a warning) or 'raise'
                      ) -> float: # AP in [0, 1], step-wise as scikit-learn's `average_precision_score`
     "Average precision of one class; ties in score enter the ranking together."
+    if no_positives not in ('zero', 'raise'): raise ValueError(f"no_positives must be 'zero' or 'raise', got {no_positives!r}")
     scores, targets = _as_tensor(scores, 'scores'), _as_tensor(targets, 'targets')
     if scores.ndim != 1 or scores.shape != targets.shape:
         raise ValueError(f"scores and targets must be matching 1-D arrays, got {tuple(scores.shape)} and {tuple(targets.shape)}")
@@ -63,24 +71,33 @@ def average_precision(scores,    # (N,) scores of one class, higher = more likel
     scores = scores.double()
     if torch.isnan(scores).any(): raise ValueError("scores contain NaN")
     targets = _binary_targets(targets)
-    if not targets.any(): raise ValueError("average precision is undefined for a class without positives")
-    return float(_average_precision_columns(scores[:, None], targets[:, None])[0])
+    if not targets.any():
+        if no_positives == 'raise': raise ValueError("average precision is undefined for a class without positives")
+        warnings.warn(f"{NO_POSITIVE_WARNING}: average precision set to 0 as scikit-learn does", UserWarning, stacklevel=2)
+        return 0.0
+    return float(average_precision_columns(scores[:, None], targets[:, None])[0])
 
 # %% ../nbs/10_classification.ipynb #a64c9bb0
 @dataclass
 class MAPResult:
-    "Mean average precision over the classes that have positives; the others are listed, not averaged."
+    "Per-class AP and their mean; classes without a positive count 0 (scikit-learn, the default) or are left out."
     mAP: float                                    # percent, mean over `evaluated_classes`
-    per_class: torch.Tensor                       # (C,) AP in percent; NaN for the classes in `classes_without_positives`
-    classes_without_positives: list[int]          # left out of the mean: AP is undefined without a positive
+    per_class: torch.Tensor                       # (C,) AP in percent; classes without positives: 0 ('zero') or NaN ('exclude')
+    classes_without_positives: list[int]          # classes with no positive clip in the evaluated set
     num_clips: int
+    no_positives: str = 'zero'                    # the rule applied to them: 'zero' (in the mean as 0) or 'exclude'
 
     @property
-    def evaluated_classes(self) -> list[int]: return [c for c in range(len(self.per_class)) if c not in set(self.classes_without_positives)]
+    def evaluated_classes(self) -> list[int]:
+        "The classes the mean is taken over."
+        left_out = set(self.classes_without_positives) if self.no_positives == 'exclude' else set()
+        return [c for c in range(len(self.per_class)) if c not in left_out]
 
     def to_frame(self, class_names: Sequence[str] | None = None) -> pd.DataFrame:
-        "One row per class: AP (percent) and whether it entered the mean."
-        frame = pd.DataFrame({'ap': self.per_class.numpy(), 'evaluated': ~torch.isnan(self.per_class).numpy()})
+        "One row per class: AP (percent), whether it has a positive clip, and whether it entered the mean."
+        without = set(self.classes_without_positives)
+        frame = pd.DataFrame({'ap': self.per_class.numpy(), 'has_positives': [c not in without for c in range(len(self.per_class))],
+                              'evaluated': [c in set(self.evaluated_classes) for c in range(len(self.per_class))]})
         if class_names is not None:
             if len(class_names) != len(frame): raise ValueError(f"{len(class_names)} class names for {len(frame)} classes")
             frame.insert(0, 'class_name', list(class_names))
@@ -88,13 +105,17 @@ class MAPResult:
 
     def __repr__(self):
         skipped = self.classes_without_positives
-        note = f", {len(skipped)} classes without positives left out: {skipped[:10]}{' ...' if len(skipped) > 10 else ''}" if skipped else ''
-        return f"MAPResult(mAP={self.mAP:.2f}% over {len(self.per_class) - len(skipped)} classes, {self.num_clips} clips{note})"
+        listed = f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}"
+        note = ('' if not skipped else f", {len(skipped)} classes without positives counted as AP 0: {listed}" if self.no_positives == 'zero'
+                else f", {len(skipped)} classes without positives left out: {listed}")
+        return f"MAPResult(mAP={self.mAP:.2f}% over {len(self.evaluated_classes)} classes, {self.num_clips} clips{note})"
 
 def mean_average_precision(scores,   # (N, C) scores (logits or probabilities: only the order matters)
                            targets,  # (N, C) 0/1 or bool multi-hot targets
+                           no_positives: str = 'zero',   # classes without a positive: 'zero' (AP 0 in the mean, as scikit-learn and the released code) or 'exclude'
                           ) -> MAPResult:
-    "Per-class average precision and its mean over the classes that have at least one positive."
+    "Per-class average precision and its mean over the classes (those without positives: AP 0, or left out)."
+    if no_positives not in NO_POSITIVE_RULES: raise ValueError(f"no_positives must be one of {NO_POSITIVE_RULES}, got {no_positives!r}")
     scores, targets = _as_tensor(scores, 'scores'), _as_tensor(targets, 'targets')
     if scores.ndim != 2 or scores.shape != targets.shape:
         raise ValueError(f"scores and targets must both be (N, C), got {tuple(scores.shape)} and {tuple(targets.shape)}")
@@ -102,11 +123,16 @@ def mean_average_precision(scores,   # (N, C) scores (logits or probabilities: o
     scores = scores.double()
     if torch.isnan(scores).any(): raise ValueError(f"scores contain NaN (clips {torch.isnan(scores).any(1).nonzero().flatten()[:5].tolist()} ...)")
     targets = _binary_targets(targets)
-    per_class = _average_precision_columns(scores, targets) * 100               # (C,)
+    per_class = average_precision_columns(scores, targets) * 100                # (C,) NaN where no positive
     without = torch.isnan(per_class).nonzero().flatten().tolist()
     if len(without) == len(per_class): raise ValueError("no class has a positive clip: mAP is undefined")
+    if without and no_positives == 'zero':
+        per_class = torch.nan_to_num(per_class, nan=0.0)
+        warnings.warn(f"{NO_POSITIVE_WARNING}: {len(without)} of {len(per_class)} classes have no positive clip "
+                      f"({without[:10]}{' ...' if len(without) > 10 else ''}); their AP counts 0 in the mean, as scikit-learn and the "
+                      f"released CAV-MAE code compute it (no_positives='exclude' leaves them out)", UserWarning, stacklevel=2)
     return MAPResult(mAP=float(per_class[~torch.isnan(per_class)].mean()), per_class=per_class.float(),
-                     classes_without_positives=without, num_clips=len(scores))
+                     classes_without_positives=without, num_clips=len(scores), no_positives=no_positives)
 
 # %% ../nbs/10_classification.ipynb #0c281ba8
 def _class_indices(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -168,9 +194,9 @@ def _probe_targets(targets, multilabel: bool, num_classes: int | None, name: str
     width = num_classes if num_classes is not None else (targets.shape[1] if targets.ndim == 2 else int(targets.max()) + 1)
     return _class_indices(targets, width)
 
-def _evaluate_probe(scores: torch.Tensor, targets: torch.Tensor, multilabel: bool):
+def _evaluate_probe(scores: torch.Tensor, targets: torch.Tensor, multilabel: bool, no_positives: str = 'zero'):
     if multilabel:
-        result = mean_average_precision(scores, targets)
+        result = mean_average_precision(scores, targets, no_positives)
         return result.mAP, result
     return accuracy(scores, targets), None
 
@@ -187,9 +213,11 @@ def linear_probe(train_features,                  # (N, F) frozen features
                  eval_every: int | None = None,   # epochs between test evaluations; None: about 20 evaluations
                  seed: int = 0,
                  device=None,                     # default: CPU
+                 no_positives: str = 'zero',      # mAP: test classes without a positive count AP 0 (scikit-learn) or 'exclude'
                 ) -> LinearProbeResult:
     "Train a linear classifier on frozen features and report the test mAP or accuracy."
     device = torch.device(device or 'cpu')
+    if no_positives not in NO_POSITIVE_RULES: raise ValueError(f"no_positives must be one of {NO_POSITIVE_RULES}, got {no_positives!r}")
     x_train, x_test = _as_tensor(train_features, 'train_features').float(), _as_tensor(test_features, 'test_features').float()
     if x_train.ndim != 2 or x_test.ndim != 2 or x_train.shape[1] != x_test.shape[1]:
         raise ValueError(f"features must be (N, F) with the same F, got {tuple(x_train.shape)} and {tuple(x_test.shape)}")
@@ -230,7 +258,7 @@ def linear_probe(train_features,                  # (N, F) frozen features
         if epoch % eval_every == 0 or epoch == epochs:
             probe.eval()
             with torch.no_grad(): scores = probe(x_test_dev).cpu()
-            row['test_metric'], map_result = _evaluate_probe(scores, y_test, multilabel)
+            row['test_metric'], map_result = _evaluate_probe(scores, y_test, multilabel, no_positives)
         history.append(row)
     return LinearProbeResult(metric_name='mAP' if multilabel else 'accuracy', metric=history[-1]['test_metric'],
                              history=pd.DataFrame(history), probe=probe.cpu(), test_scores=scores, map_result=map_result)
@@ -250,9 +278,12 @@ class ClipFeatures:
 
     def __len__(self): return len(self.features)
 
+def _device_of(model, device) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
 def _feature_cache(path):
     if path is None or not Path(path).exists(): return None
-    data = torch.load(path, map_location='cpu', weights_only=True)
+    data = safe_load(path)             # weights-only: a cache file never runs code
     if not isinstance(data, dict) or data.get('format') != 'cavmae_sync.ClipFeatures/1': raise ValueError(f"{path}: not a ClipFeatures file")
     data.pop('format')
     return ClipFeatures(**data)
@@ -265,16 +296,18 @@ def extract_features(model,                        # a `CAVMAESync` (or any enco
                      num_workers: int = 0,
                      cache_path=None,              # keep the features in this file; reused for the same model / data
                      progress: bool = True,
+                     precision: str = 'fp16',      # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
                     ) -> ClipFeatures:
     "Frozen per-clip features: per-frame pooled embeddings averaged over T (audio and video concatenated)."
     if modality not in FEATURE_MODALITIES: raise ValueError(f"modality must be one of {FEATURE_MODALITIES}, got {modality!r}")
-    fingerprint = f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}-{modality}'
+    fingerprint = f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}-{modality}' + precision_tag(_device_of(model, device), precision)
     cached = _feature_cache(cache_path)
     if cached is not None:
         if cached.fingerprint == fingerprint: return cached
         raise ValueError(f"{cache_path}: features of another model, data set or modality ({cached.fingerprint}, now {fingerprint}); delete it or choose another cache_path")
     features, targets, ids, skipped = [], [], [], []
-    for batch in iterate_encoded(model, dataset, batch_size, device, num_workers, normalize=False, progress=progress, desc='features'):
+    for batch in iterate_encoded(model, dataset, batch_size, device, num_workers, normalize=False, progress=progress, desc='features',
+                                 precision=precision):
         skipped += batch['skipped']
         if not batch['positions']: continue
         if 'labels' not in batch: raise KeyError("extract_features needs data set items with 'labels' (the class targets)")
@@ -307,9 +340,13 @@ def evaluate_classifier(classifier,               # a `CAVMAESyncClassifier`: (B
                         device=None,
                         num_workers: int = 0,
                         progress: bool = True,
+                        precision: str = 'fp16',  # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
+                        no_positives: str = 'zero',  # mAP: classes without a positive count AP 0 (scikit-learn) or 'exclude'
                        ) -> ClassifierEvaluation:
     "mAP or accuracy of a fine-tuned classifier on a data set."
-    device = torch.device(device) if device is not None else next(classifier.parameters()).device
+    device = _device_of(classifier, device)
+    precision_tag(device, precision)                                     # refuse an unknown precision before decoding
+    if no_positives not in NO_POSITIVE_RULES: raise ValueError(f"no_positives must be one of {NO_POSITIVE_RULES}, got {no_positives!r}")
     was_training = classifier.training
     classifier.eval()
     scores, targets, skipped = [], [], []
@@ -318,7 +355,7 @@ def evaluate_classifier(classifier,               # a `CAVMAESyncClassifier`: (B
             skipped += batch['skipped']
             if not batch['positions']: continue
             if 'labels' not in batch: raise KeyError("evaluate_classifier needs data set items with 'labels'")
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            with evaluation_autocast(device, precision):
                 logits = classifier(batch['audio'].to(device, non_blocking=True), batch['frames'].to(device, non_blocking=True))   # (B, C)
             scores.append(logits.float().cpu()); targets.append(batch['labels'].float())
     finally: classifier.train(was_training)
@@ -326,5 +363,27 @@ def evaluate_classifier(classifier,               # a `CAVMAESyncClassifier`: (B
     scores, targets = torch.cat(scores), torch.cat(targets)
     if scores.shape != targets.shape: raise ValueError(f"classifier gives {scores.shape[1]} classes, the data set's labels {targets.shape[1]}")
     if not torch.isfinite(scores).all(): raise ValueError("the classifier produced NaN or inf logits")
-    metric, map_result = _evaluate_probe(scores, targets, multilabel)
+    metric, map_result = _evaluate_probe(scores, targets, multilabel, no_positives)
     return ClassifierEvaluation('mAP' if multilabel else 'accuracy', metric, scores, targets, map_result, sorted(skipped))
+
+# %% ../nbs/10_classification.ipynb #b56ae613
+REFERENCE_RESULT_FILES = ('cavmae_baseline_results.csv', 'paper_classification.csv')
+REFERENCE_COLUMNS = ('model', 'task', 'dataset', 'metric', 'value', 'source')
+
+def reference_results(dataset: str | None = None,   # 'audioset' / 'vggsound' (a prefix of the dataset column); None: all
+                      folder=None,                  # where the CSVs are; default: the repository's data/
+                     ) -> pd.DataFrame:             # model, task, dataset, metric, value, source, file
+    "Published classification numbers: CAV-MAE's, and CAV-MAE Sync's as later papers quote them, with their sources."
+    from cavmae_sync.config import project_root
+    folder = Path(folder) if folder is not None else project_root() / 'data'
+    tables = []
+    for name in REFERENCE_RESULT_FILES:
+        path = folder / name
+        if not path.exists(): raise FileNotFoundError(f"{path}: not found (it ships in the repository's data/ folder)")
+        table = pd.read_csv(path)
+        missing = [c for c in REFERENCE_COLUMNS if c not in table.columns]
+        if missing: raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+        tables.append(table[list(REFERENCE_COLUMNS)].assign(file=name))
+    table = pd.concat(tables, ignore_index=True)
+    if dataset is not None: table = table[table['dataset'].str.startswith(dataset)].reset_index(drop=True)
+    return table

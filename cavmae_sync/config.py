@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_config.ipynb #978f3f66
 from __future__ import annotations
-import contextlib, os, uuid
+import contextlib, glob, os, socket, uuid
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Iterator
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'MediaError', 'PreprocessConfig', 'project_root', 'data_dir', 'atomic_file']
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
+           'data_dir', 'shared_required', 'shared_dir', 'remove_stale_partials', 'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -24,6 +25,7 @@ WINDOW = 416                  # fbank frames per frame-aligned audio window (L, 
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FRAME_PRESET_NAMES = ('on_screen', 'released', 'cavmae')   # described in `cavmae_sync.video.FRAME_PRESETS`
 
 # %% ../nbs/00_config.ipynb #f263c0f1
 class MediaError(ValueError):
@@ -49,6 +51,7 @@ class PreprocessConfig:
     target_length: int = TARGET_LENGTH    # fbank frames per clip after padding / cutting
     audio_mean: float = AUDIO_MEAN        # normalization: (fbank - audio_mean) / audio_std
     audio_std: float = AUDIO_STD
+    frame_preset: str = 'on_screen'       # how frames are chosen, coloured, resized and stored: `video.FRAME_PRESETS`
 
     def __post_init__(self):
         for name in ('num_frames', 'window', 'image_size', 'sample_rate', 'num_mel_bins', 'target_length'):
@@ -57,6 +60,8 @@ class PreprocessConfig:
         if self.window > self.target_length:
             raise ValueError(f"PreprocessConfig.window={self.window} is longer than the clip spectrogram (target_length={self.target_length})")
         if not self.audio_std > 0: raise ValueError(f"PreprocessConfig.audio_std must be positive, got {self.audio_std!r}")
+        if self.frame_preset not in FRAME_PRESET_NAMES:
+            raise ValueError(f"PreprocessConfig.frame_preset={self.frame_preset!r}: choose one of {list(FRAME_PRESET_NAMES)}")
 
     def to_dict(self): return asdict(self)
 
@@ -72,7 +77,43 @@ def data_dir() -> Path:
     "Folder for generated data sets, caches and trained models: `$CAVMAE_SYNC_DATA` or `<repo>/data`."
     return Path(os.environ.get('CAVMAE_SYNC_DATA') or project_root() / 'data')
 
+def shared_required() -> bool:
+    "Whether the reference data must be present: under CI (`$CI`) or when `$CAVMAE_SYNC_REQUIRE_SHARED` is set."
+    flag = lambda name: os.environ.get(name, '').strip().lower() not in ('', '0', 'false', 'no')
+    return flag('CI') or flag('CAVMAE_SYNC_REQUIRE_SHARED')
+
+def shared_dir(required: bool | None = None,  # None: required under CI (see `shared_required`)
+              ) -> Path | None:                # the folder, or None when it is absent and not required
+    "The reference data and real media (`reference/`, `media/`): `$CAVMAE_SYNC_SHARED` or `<repo>/../shared`."
+    folder = Path(os.environ.get('CAVMAE_SYNC_SHARED') or project_root().parent / 'shared')
+    complete = (folder / 'reference').is_dir() and (folder / 'media').is_dir()
+    if complete: return folder
+    if shared_required() if required is None else required:
+        raise FileNotFoundError(f"{folder}: the reference data and media (reference/, media/) are missing, and this run requires them "
+                                "(CI, or CAVMAE_SYNC_REQUIRE_SHARED): checks against the released code would be skipped. "
+                                "Set CAVMAE_SYNC_SHARED to the folder that holds them.")
+    return None
+
 # %% ../nbs/00_config.ipynb #9fa68819
+_HOST = socket.gethostname().replace('-', '_').replace('.', '_') or 'host'
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True          # alive, owned by another user
+    return True
+
+def remove_stale_partials(path,                 # the target file whose leftover temporary files to remove
+                         ) -> list[Path]:       # the files removed
+    "Remove the temporary files `atomic_file` left beside `path` when its writer was killed (`kill -9`, power loss): this host's, whose process is gone."
+    path, removed = Path(path), []
+    for partial in path.parent.glob(f'.{glob.escape(path.name)}.*.partial'):
+        writer = partial.name[len(path.name) + 2:-len('.partial')].rsplit('-', 2)      # [host, pid, random]
+        if len(writer) != 3 or writer[0] != _HOST or not writer[1].isdigit(): continue  # another host's or not ours: leave it
+        if not _pid_alive(int(writer[1])):
+            partial.unlink(missing_ok=True); removed.append(partial)
+    return removed
+
 @contextlib.contextmanager
 def atomic_file(path,                 # the file to (re)place
                 fsync: bool = False,  # flush the data to disk before the rename (checkpoints: survive a power loss too)
@@ -80,7 +121,10 @@ def atomic_file(path,                 # the file to (re)place
     "Write to the yielded temporary path; on success it replaces `path` in one rename, on an error it is removed."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f'.{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')   # unique: concurrent writers never collide
+    remove_stale_partials(path)
+    # unique per writer (host, process, random): concurrent writers never collide, and a later writer can tell
+    # whether the writer of an old temporary file is still alive
+    partial = path.with_name(f'.{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')
     try:
         yield partial
         if fsync:

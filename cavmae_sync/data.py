@@ -32,15 +32,17 @@ from tqdm.auto import tqdm
 from .config import MediaError, PreprocessConfig, atomic_file
 from .audio import load_audio, clip_spectrogram, window_bounds
 from .video import (VIDEO_EXTENSIONS, check_media_file, read_frames, eval_transform, train_transform,
-                               FrameTransform, _pyav_frame_times)
+                               FrameTransform, _pyav_frame_times, read_preset_frames, VideoFrames, EXTRACTION_QUALITY,
+                               CAVMAE_EXTRACTED_FRAMES, CAVMAE_EVAL_FRAME, MISSING_FRAMES_ACCEPTED)
 
 _all_ = ['MediaError']
 
 # %% auto #0
-__all__ = ['FBANK_SHIFT_SECONDS', 'LABEL_CSV_NAME', 'resolve_config', 'video_id_of', 'Clip', 'load_clip',
-           'count_extracted_frames', 'load_clip_from_frames', 'find_videos', 'probe_video', 'extract_clip',
-           'read_video_labels', 'PreparedDataset', 'prepare_dataset', 'prepare_cli', 'ClipSource', 'collate_clips',
-           'ClipDataset', 'VideoDataset', 'read_label_csv', 'read_datafile', 'DatafileDataset', 'MediaError']
+__all__ = ['FBANK_SHIFT_SECONDS', 'LABEL_CSV_NAME', 'resolve_config', 'video_id_of', 'Clip', 'read_clip_frames',
+           'read_clip_audio', 'load_clip', 'count_extracted_frames', 'load_clip_from_frames', 'find_videos',
+           'probe_video', 'extract_clip', 'read_video_labels', 'PreparedDataset', 'prepare_dataset', 'prepare_cli',
+           'ClipSource', 'collate_clips', 'ClipDataset', 'VideoDataset', 'read_label_csv', 'read_datafile',
+           'DatafileDataset', 'MediaError']
 
 # %% ../nbs/03_data.ipynb #dd34f06f
 FBANK_SHIFT_SECONDS = 0.010   # the fbank's frame shift: spectrogram frame s starts at s * 10 ms
@@ -88,6 +90,24 @@ def _audio_windows(waveform, audio_path, config, positions):
     index = bounds[:, :1] + torch.arange(config.window)                                        # (K, L)
     return spectrogram[index], bounds                                                          # (K, L, mel): slices
 
+def read_clip_frames(path,                          # a video file
+                     config: PreprocessConfig,       # num_frames, image_size, target_length and the frame preset
+                     positions: Sequence[int] | None = None,  # which of the T frames (default: all)
+                     threads: int = 1,
+                    ) -> VideoFrames:
+    "The frames of `path` as `config.frame_preset` makes them: raw frames on screen at t * D / T, or a release's extracted jpgs."
+    if config.frame_preset == 'on_screen':
+        return read_frames(path, config.num_frames, positions, max_duration=config.target_length * FBANK_SHIFT_SECONDS, threads=threads)
+    return read_preset_frames(path, config.frame_preset, config.num_frames, positions, config.image_size, threads=threads)
+
+def read_clip_audio(path,                           # the video file
+                    config: PreprocessConfig,
+                    audio_path=None,                # a separate audio file (default: the video's own stream)
+                   ) -> torch.Tensor:              # (N,) samples at config.sample_rate
+    "The clip's first audio channel on the frames' timeline; 16-bit PCM under the released presets (their wavs are)."
+    audio_path = Path(audio_path) if audio_path is not None else Path(path)
+    return load_audio(audio_path, config.sample_rate, pcm16=config.frame_preset != 'on_screen', align_to_video=audio_path == Path(path))
+
 def _positions(positions, num_frames):
     positions = list(range(num_frames)) if positions is None else [int(p) for p in positions]
     if not positions or min(positions) < 0 or max(positions) >= num_frames:
@@ -109,20 +129,25 @@ def load_clip(path,                                  # a video file with a video
     config = resolve_config(config, num_frames=num_frames, window=window, image_size=image_size)
     positions = _positions(positions, config.num_frames)
     path = check_media_file(path)
-    video = read_frames(path, config.num_frames, positions, max_duration=config.target_length * FBANK_SHIFT_SECONDS,
-                        threads=threads)                                                   # (K, H, W, 3) uint8
-    audio_path = Path(audio_path) if audio_path is not None else path
-    audio, bounds = _audio_windows(load_audio(audio_path, config.sample_rate), audio_path, config, positions)
+    video = read_clip_frames(path, config, positions, threads)                             # (K, H, W, 3) uint8
+    waveform = read_clip_audio(path, config, audio_path)                                   # (N,) on the frames' timeline
+    audio, bounds = _audio_windows(waveform, audio_path or path, config, positions)
     frames = _frame_transform(config.image_size, train)(video.frames.permute(0, 3, 1, 2))  # (K, 3, S, S)
     return Clip(frames=frames, audio=audio, video_id=video_id_of(path), path=str(path), frame_times=video.times,
                 duration=video.duration, window_bounds=bounds, positions=torch.tensor(positions))
 
 # %% ../nbs/03_data.ipynb #e5a1a719
 def count_extracted_frames(frame_root) -> int:
-    "M: the number of consecutive `frame_{i}` folders from `frame_0` under `frame_root`."
-    count = 0
-    while (Path(frame_root) / f'frame_{count}').is_dir(): count += 1
-    return count
+    "M: the number of `frame_{i}` folders under `frame_root`; they must be `frame_0 ... frame_{M-1}` (a gap is a `MediaError` naming it)."
+    frame_root = Path(frame_root)
+    if not frame_root.is_dir(): return 0
+    indices = sorted(int(p.name[len('frame_'):]) for p in frame_root.iterdir()
+                     if p.is_dir() and p.name.startswith('frame_') and p.name[len('frame_'):].isdigit())
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices)) if indices else []
+    if missing:   # counting up to the gap would read every clip of the root from the wrong, fewer frames
+        raise MediaError(frame_root / f'frame_{missing[0]}', f"missing: the layout has frame folders up to frame_{indices[-1]} but not "
+                         f"{', '.join(f'frame_{i}' for i in missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return len(indices)
 
 def _read_jpeg(path: Path) -> torch.Tensor:                # (3, H, W) uint8
     if not path.exists(): raise MediaError(path, 'extracted frame not found')
@@ -132,11 +157,6 @@ def _read_jpeg(path: Path) -> torch.Tensor:                # (3, H, W) uint8
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(path, f'corrupt or truncated image ({e})') from e
     return torch.from_numpy(pixels).permute(2, 0, 1)                                  # a view
-
-def _jpeg_bytes(image: torch.Tensor, quality: int) -> bytes:  # (3, H, W) uint8 -> JPEG file content
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format='JPEG', quality=quality)
-    return buffer.getvalue()
 
 def load_clip_from_frames(frame_root,                     # `video_path` of the official datafile: holds frame_{i}/
                           video_id: str,
@@ -154,6 +174,8 @@ def load_clip_from_frames(frame_root,                     # `video_path` of the 
     extracted = count_extracted_frames(frame_root) if num_extracted is None else num_extracted
     if extracted == 0: raise MediaError(frame_root / 'frame_0' / f'{video_id}.jpg', 'no extracted frames (no frame_0 folder)')
     chosen = [t * extracted // config.num_frames for t in positions]                       # extracted frame per position
+    if config.frame_preset == 'cavmae' and config.num_frames == 1:                         # CAV-MAE evaluates on the middle frame
+        chosen = [min(CAVMAE_EVAL_FRAME, extracted - 1)]
     images = [_read_jpeg(frame_root / f'frame_{i}' / f'{video_id}.jpg') for i in chosen]   # K x (3, H, W) uint8
     transform = _frame_transform(config.image_size, train)
     if len({im.shape for im in images}) == 1: frames = transform(torch.stack(images))      # (K, 3, S, S)
@@ -177,26 +199,29 @@ def find_videos(folder) -> list[Path]:
 def _atomic_write(path: Path, data: bytes):
     with atomic_file(path) as partial: partial.write_bytes(data)
 
-def probe_video(path) -> None:
-    "Cheap validity check without decoding: the file opens, has an audio stream and a complete video stream."
+def probe_video(path) -> int:
+    "Cheap validity check without decoding (metadata and one demux pass): the file opens, has an audio stream and a readable video stream; returns its missing frames."
     path = check_media_file(path)
-    _pyav_frame_times(path, threads=1)                        # no video stream / no frames / missing packets
+    counts = {}
+    _pyav_frame_times(path, threads=1, counts=counts)        # no video stream / no frames / truncated (`check_frames_present`)
     with av.open(str(path)) as container:
         if not container.streams.audio: raise MediaError(path, 'no audio stream')
+    return counts['missing']
 
-def extract_clip(path, out_dir, config: PreprocessConfig | None = None, quality: int = 95, video_id: str | None = None) -> dict:
-    "Write one video in the official layout under `out_dir`; return its datafile row (without labels)."
+def extract_clip(path, out_dir,
+                 config: PreprocessConfig | None = None,  # num_frames, image_size, sample rate; frame_preset 'cavmae' for CAV-MAE's layout
+                 quality: int = EXTRACTION_QUALITY,       # JPEG quality (the released extraction: PIL's default 75)
+                 video_id: str | None = None) -> dict:
+    "Write one video in the official layout under `out_dir`, as the released extractor writes it; return its datafile row (without labels)."
     config, path, out_dir = config or PreprocessConfig(), Path(path), Path(out_dir)
     video_id = video_id or video_id_of(path)
-    video = read_frames(path, config.num_frames, max_duration=config.target_length * FBANK_SHIFT_SECONDS)
-    resize = torchvision.transforms.v2.Compose([
-        torchvision.transforms.v2.Resize(config.image_size, interpolation=torchvision.transforms.InterpolationMode.BICUBIC, antialias=True),
-        torchvision.transforms.v2.CenterCrop(config.image_size)])
-    crops = resize(video.frames.permute(0, 3, 1, 2)).contiguous()                          # (T, 3, S, S) uint8
-    waveform = load_audio(path, config.sample_rate, pcm16=True)                            # k / 32768, k int16
+    preset = 'cavmae' if config.frame_preset == 'cavmae' else 'released'
+    count = CAVMAE_EXTRACTED_FRAMES if preset == 'cavmae' else config.num_frames
+    video = read_preset_frames(path, preset, count, image_size=config.image_size, quality=quality)   # the released jpgs, byte for byte
+    waveform = load_audio(path, config.sample_rate, pcm16=True, align_to_video=True)      # k / 32768, k int16, on the frames' timeline
     pcm = (waveform * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
-    for t, crop in enumerate(crops):
-        _atomic_write(out_dir / 'frames' / f'frame_{t}' / f'{video_id}.jpg', _jpeg_bytes(crop, quality))
+    for t, jpeg in enumerate(video.jpegs):
+        _atomic_write(out_dir / 'frames' / f'frame_{t}' / f'{video_id}.jpg', jpeg)
     wav_path = out_dir / 'audio' / f'{video_id}.wav'
     with atomic_file(wav_path) as partial: soundfile.write(str(partial), pcm, config.sample_rate, subtype='PCM_16', format='WAV')
     return {'video_id': video_id, 'wav': str(wav_path.resolve()), 'video_path': str((out_dir / 'frames').resolve())}
@@ -205,11 +230,10 @@ def _prepare_one(task):
     "Worker: probe or extract one video; (position, row or None, (path, reason) or None)."
     position, path, video_id, out_dir, extract, config, quality = task
     try:
+        missing = probe_video(path)                          # the readability rule `load_clip` applies
         if extract: row = extract_clip(path, out_dir, config, quality, video_id)
-        else:
-            probe_video(path)
-            row = {'video_id': video_id, 'wav': str(Path(path).resolve()), 'video_path': str(Path(path).resolve())}
-        return position, row, None
+        else: row = {'video_id': video_id, 'wav': str(Path(path).resolve()), 'video_path': str(Path(path).resolve())}
+        return position, {**row, '_missing_frames': missing}, None
     except MediaError as e: return position, None, (str(path), e.reason)
 
 def _worker_init(): torch.set_num_threads(1)
@@ -237,6 +261,7 @@ class PreparedDataset:
     label_csv: Path | None                # index,mid,display_name (None without labels)
     num_clips: int                        # rows in the datafile
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason) left out with skip_errors
+    frame_gaps: list[tuple[str, int]] = field(default_factory=list)  # (path, missing frames) of clips kept though their header declares a few more frames
 
 def prepare_dataset(videos,                          # folder of video files (searched recursively)
                     out=None,                        # output folder (default: `videos`)
@@ -247,7 +272,7 @@ def prepare_dataset(videos,                          # folder of video files (se
                     config: PreprocessConfig | None = None,  # num_frames, image_size, sample_rate of the extraction
                     workers: int | None = None,      # worker processes (default: CPU count; <= 1 runs in-process)
                     skip_errors: bool = False,       # leave unreadable files out (and report them) instead of stopping
-                    quality: int = 95,               # JPEG quality of extracted frames
+                    quality: int = EXTRACTION_QUALITY,  # JPEG quality of extracted frames (the released extraction's 75)
                     progress: bool = True,
                    ) -> PreparedDataset:
     "Folder of videos -> official datafile (+ label CSV, + pre-extracted frames and wavs), in parallel."
@@ -273,6 +298,12 @@ def prepare_dataset(videos,                          # folder of video files (se
         bad = sorted({l for ls in video_labels for l in ls if ',' in l or '"' in l})
         if bad: raise ValueError(f"class names must not contain commas or quotes: {bad[:5]}")
 
+    if extract:   # a rerun continues an extraction; a different frame count would leave stale frames of the old one beside the new
+        existing = count_extracted_frames(out / 'frames')
+        if existing and existing != config.num_frames:
+            raise ValueError(f"{out / 'frames'}: holds frame_0 ... frame_{existing - 1} of an extraction with {existing} frames per clip; "
+                             f"extracting {config.num_frames} would leave the old frames beside the new ones, read at the wrong times: "
+                             "extract into another --out folder, or delete the old frames first")
     tasks = [(k, p, i, out, extract, config, quality) for k, (p, i) in enumerate(zip(paths, ids))]
     rows, skipped = [None] * len(paths), []
     bar = tqdm(total=len(tasks), desc='extract' if extract else 'probe', unit='clip', disable=not progress)
@@ -297,9 +328,11 @@ def prepare_dataset(videos,                          # folder of video files (se
     finally: bar.close()
 
     classes = sorted({l for ls in video_labels for l in ls}) if video_labels is not None else None
-    entries = []
+    entries, frame_gaps = [], []
     for k, row in enumerate(rows):
         if row is None: continue
+        missing = row.pop('_missing_frames')
+        if missing: frame_gaps.append((str(paths[k]), missing))
         entries.append({**row, 'labels': ','.join(video_labels[k]) if video_labels is not None else ''})
     out.mkdir(parents=True, exist_ok=True)
     datafile_path = out / datafile
@@ -309,7 +342,7 @@ def prepare_dataset(videos,                          # folder of video files (se
         label_csv = out / LABEL_CSV_NAME
         lines = ['index,mid,display_name'] + [f'{k},{name},"{name}"' for k, name in enumerate(classes)]
         _atomic_write(label_csv, ('\n'.join(lines) + '\n').encode())
-    return PreparedDataset(datafile=datafile_path, label_csv=label_csv, num_clips=len(entries), skipped=skipped)
+    return PreparedDataset(datafile=datafile_path, label_csv=label_csv, num_clips=len(entries), skipped=skipped, frame_gaps=frame_gaps)
 
 # %% ../nbs/03_data.ipynb #9f854ea7
 def prepare_cli(argv: Sequence[str] | None = None) -> int:
@@ -323,16 +356,18 @@ def prepare_cli(argv: Sequence[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument('--labels', help='CSV with columns video_id,labels (labels: comma-separated class names, quoted)')
     group.add_argument('--folder-labels', action='store_true', help="label each video with its sub-folder's name")
-    parser.add_argument('--extract', action='store_true', help='pre-extract frames and wavs in the official layout')
+    parser.add_argument('--extract', action='store_true', help='pre-extract frames and wavs in the official layout, as the released extractor writes them')
     parser.add_argument('--num-frames', type=int, default=PreprocessConfig.num_frames, help='frames per clip (default: %(default)s)')
     parser.add_argument('--image-size', type=int, default=PreprocessConfig.image_size, help='side of the extracted frames (default: %(default)s)')
-    parser.add_argument('--quality', type=int, default=95, help='JPEG quality (default: %(default)s)')
+    parser.add_argument('--quality', type=int, default=EXTRACTION_QUALITY, help="JPEG quality (default: %(default)s, the released extraction's)")
+    parser.add_argument('--frame-preset', choices=('released', 'cavmae'), default='released',
+                        help="--extract writes the jpgs of this release's extractor: 'released' (CAV-MAE Sync, T frames) or 'cavmae' (10 frames)")
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='worker processes (default: %(default)s)')
     parser.add_argument('--skip-errors', action='store_true', help='leave unreadable videos out and list them, instead of stopping')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
     try:
-        config = PreprocessConfig(num_frames=args.num_frames, image_size=args.image_size)
+        config = PreprocessConfig(num_frames=args.num_frames, image_size=args.image_size, frame_preset=args.frame_preset)
         result = prepare_dataset(args.videos, args.out, args.datafile, args.labels, args.folder_labels, args.extract,
                                  config, args.workers, args.skip_errors, args.quality, progress=not args.no_progress)
     except (MediaError, ValueError, FileNotFoundError) as e:
@@ -342,6 +377,10 @@ def prepare_cli(argv: Sequence[str] | None = None) -> int:
     if result.skipped:
         print(f'skipped {len(result.skipped)} unreadable files:', file=sys.stderr)
         for path, reason in result.skipped: print(f'  {path}: {reason}', file=sys.stderr)
+    if result.frame_gaps:
+        print(f'kept {len(result.frame_gaps)} files whose header declares a few more frames than they hold '
+              f'(at most {MISSING_FRAMES_ACCEPTED}, or 1%): ' + ', '.join(f'{Path(p).name} (-{n})' for p, n in result.frame_gaps[:5])
+              + (' ...' if len(result.frame_gaps) > 5 else ''), file=sys.stderr)
     return 0
 
 # %% ../nbs/03_data.ipynb #cd74ef9a
@@ -512,6 +551,9 @@ class DatafileDataset(ClipDataset):
             wav = resolve(row['wav']) if row.get('wav') else None
             target = None
             if mids is not None:
+                if not str(row.get('labels') or '').strip():   # an all-zero target would be scored as class 0 / as a true negative everywhere
+                    raise ValueError(f"{datafile}: row {k} (video_id {video_id!r}) has no labels, and {label_csv} gives this data set "
+                                     "classes: label every row, or leave unlabelled clips out of the datafile")
                 target = torch.zeros(len(mids))
                 for mid in (m.strip() for m in str(row.get('labels') or '').split(',')):
                     if not mid: continue

@@ -15,15 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from .config import PreprocessConfig, MediaError
-from .classification import _average_precision_columns
+from .classification import average_precision_columns
+from .retrieval import evaluation_autocast, precision_tag
 from .video import eval_transform, unnormalize
 import torchvision.transforms.v2 as transforms
 from torchvision.transforms import InterpolationMode
 
 # %% auto #0
-__all__ = ['ADE20K_SOUND_FOLDER', 'ADE20K_SOUND_COLUMNS', 'ADE20K_NAME_COLUMNS', 'similarity_maps', 'clip_similarity_maps',
-           'LocalizationResult', 'best_iou', 'localization_scores', 'to_image', 'overlay', 'LocalizationViewer',
-           'ade20k_class_map', 'ADE20KSound', 'LocalizationMaps', 'localization_maps', 'evaluate_localization']
+__all__ = ['EMPTY_CLASS_RULES', 'ADE20K_SOUND_FOLDER', 'ADE20K_SOUND_COLUMNS', 'ADE20K_NAME_COLUMNS', 'MASK_RESIZE_RULES',
+           'similarity_maps', 'clip_similarity_maps', 'LocalizationResult', 'best_iou', 'localization_scores',
+           'to_image', 'overlay', 'LocalizationViewer', 'ade20k_class_map', 'pil_nearest_geometry', 'ADE20KSound',
+           'LocalizationMaps', 'localization_maps', 'evaluate_localization']
 
 # %% ../nbs/11_localization.ipynb #38d67cbf
 def _grid_of(num_tokens: int, grid) -> tuple[int, int]:
@@ -59,6 +61,7 @@ def clip_similarity_maps(model,                          # a `CAVMAESync` model
                          audio: torch.Tensor,            # (T, L, mel) audio windows, one per frame
                          device=None,                    # where to run (default: the model's device)
                          upsample: bool = True,          # bilinear to the frame size; False: the patch grid
+                         precision: str = 'fp16',        # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
                         ) -> torch.Tensor:              # (T, H, W) float32 on the CPU
     "Similarity map of each frame's patch tokens with the embedding of its own audio window."
     if frames.ndim != 4 or audio.ndim != 3 or len(frames) != len(audio):
@@ -67,30 +70,36 @@ def clip_similarity_maps(model,                          # a `CAVMAESync` model
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+        with evaluation_autocast(device, precision):
             out = model.encode(audio.to(device), frames.to(device))
     finally: model.train(was_training)
     size = tuple(frames.shape[-2:]) if upsample else None
     return similarity_maps(out.audio_embedding.float(), out.video_tokens.float(), size=size).cpu()   # (T, H, W)
 
 # %% ../nbs/11_localization.ipynb #276bf4ad
+EMPTY_CLASS_RULES = ('zero', 'exclude')
+
 @dataclass
 class LocalizationResult:
     "ADE20K Sound scores: the means over classes and one row per class."
     mAP: float                      # percent: mean over classes of the pooled-pixel AP
     mIoU: float                     # percent: mean over classes of the best IoU over the thresholds
     per_class: pd.DataFrame         # class, name, images, positive_pixels, ap, iou, threshold (percent, normalized-map units)
-    excluded_classes: list = field(default_factory=list)   # classes whose masks have no positive pixel (left out of the means)
+    excluded_classes: list = field(default_factory=list)   # classes left out of the means (empty_classes='exclude')
+    empty_classes: list = field(default_factory=list)      # classes whose masks have no positive pixel, whatever the rule
+    empty_classes_rule: str = 'zero'                        # 'zero': they count AP 0 and IoU 0 (DenseAV); 'exclude'
 
     def __repr__(self):
-        note = f", {len(self.excluded_classes)} classes without mask pixels left out: {self.excluded_classes[:10]}" if self.excluded_classes else ''
+        empty = self.empty_classes
+        note = ('' if not empty else f", {len(empty)} classes with empty masks counted as AP 0 and IoU 0 (as DenseAV): {empty[:10]}"
+                if self.empty_classes_rule == 'zero' else f", {len(empty)} classes with empty masks left out: {empty[:10]}")
         return f"LocalizationResult(mAP={self.mAP:.2f}%, mIoU={self.mIoU:.2f}% over {len(self.per_class) - len(self.excluded_classes)} classes{note})"
 
 def best_iou(values: torch.Tensor,      # (P,) map values of the pooled pixels
              targets: torch.Tensor,     # (P,) bool ground truth
              num_thresholds: int = 20,  # thresholds evenly spaced from values.min() to values.max()
             ) -> tuple[float, float]:   # (best IoU in [0, 1], the threshold that gave it)
-    "Best IoU of `values > threshold` against `targets` over evenly spaced thresholds."
+    "Best IoU of `values > threshold` against `targets` over evenly spaced thresholds (an empty union scores 0)."
     thresholds = torch.linspace(float(values.min()), float(values.max()), num_thresholds, dtype=values.dtype)
     best, best_threshold = -1.0, float(thresholds[0])
     for threshold in thresholds:                                   # 20 passes over the pixels, not one per pixel
@@ -105,8 +114,10 @@ def localization_scores(maps,                    # (M, H, W) tensor, or a list o
                         classes: Sequence,       # M prompt class ids (one per map)
                         class_names: dict | None = None,   # optional {class id: name} for the table
                         num_thresholds: int = 20,
+                        empty_classes: str = 'zero',       # classes whose masks are all empty: 'zero' (AP 0, IoU 0 in the means, as DenseAV) or 'exclude'
                        ) -> LocalizationResult:
     "DenseAV's ADE20K Sound protocol: maps min-max normalized over the set, per-class pooled AP and best IoU."
+    if empty_classes not in EMPTY_CLASS_RULES: raise ValueError(f"empty_classes must be one of {EMPTY_CLASS_RULES}, got {empty_classes!r}")
     maps = [torch.as_tensor(m).float() for m in maps]
     masks = [torch.as_tensor(m) for m in masks]
     classes = list(classes.tolist() if isinstance(classes, (torch.Tensor, np.ndarray)) else classes)
@@ -119,7 +130,7 @@ def localization_scores(maps,                    # (M, H, W) tensor, or a list o
     low = min(float(m.min()) for m in maps)
     high = max(float(m.max()) for m in maps)
     span = high - low if high > low else 1.0
-    rows, excluded = [], []
+    rows, empty = [], []
     for cls in dict.fromkeys(classes):                                     # classes in order of appearance
         members = [i for i, c in enumerate(classes) if c == cls]
         values = torch.cat([((maps[i] - low) / span).flatten() for i in members])   # (P,) normalized over the whole set
@@ -127,16 +138,20 @@ def localization_scores(maps,                    # (M, H, W) tensor, or a list o
         positives = int(targets.sum())
         row = {'class': cls, 'name': (class_names or {}).get(cls, ''), 'images': len(members), 'positive_pixels': positives}
         if positives == 0:
-            excluded.append(cls); row.update(ap=float('nan'), iou=float('nan'), threshold=float('nan'))
+            empty.append(cls)
+            score = 0.0 if empty_classes == 'zero' else float('nan')       # DenseAV: AP 0 (no positive), IoU 0 at every threshold
+            row.update(ap=score, iou=score, threshold=float('nan'))
         else:
-            ap = float(_average_precision_columns(values.double()[:, None], targets[:, None])[0])
+            ap = float(average_precision_columns(values.double()[:, None], targets[:, None])[0])
             iou, threshold = best_iou(values, targets, num_thresholds)
             row.update(ap=ap * 100, iou=iou * 100, threshold=threshold)
         rows.append(row)
     table = pd.DataFrame(rows)
+    if len(empty) == len(table): raise ValueError("no mask has a positive pixel: nothing to score (are the class ids right?)")
+    excluded = empty if empty_classes == 'exclude' else []
     scored = table[~table['class'].isin(excluded)]
-    if scored.empty: raise ValueError("no mask has a positive pixel: nothing to score")
-    return LocalizationResult(mAP=float(scored['ap'].mean()), mIoU=float(scored['iou'].mean()), per_class=table, excluded_classes=excluded)
+    return LocalizationResult(mAP=float(scored['ap'].mean()), mIoU=float(scored['iou'].mean()), per_class=table,
+                              excluded_classes=list(excluded), empty_classes=empty, empty_classes_rule=empty_classes)
 
 # %% ../nbs/11_localization.ipynb #52531263
 def to_image(frame,                       # (3, H, W) tensor, ImageNet-normalized, or an (H, W, 3) uint8 / [0, 1] array
@@ -247,6 +262,20 @@ def ade20k_class_map(segmentation: np.ndarray,   # (H, W, 3) uint8 RGB of an ADE
     if segmentation.ndim != 3 or segmentation.shape[-1] < 3: raise ValueError(f"expected an (H, W, 3) RGB segmentation, got shape {segmentation.shape}")
     return (segmentation[..., 0].astype(np.int64) // 10) * 256 + segmentation[..., 1].astype(np.int64)
 
+MASK_RESIZE_RULES = ('pil_nearest', 'nearest_exact')
+
+def pil_nearest_geometry(path,                 # a segmentation image (RGB png)
+                         size: int,            # short side after resizing, and the side of the centre crop
+                        ) -> np.ndarray:       # (size, size, 3) uint8
+    "DenseAV's mask geometry: torchvision `Resize(size, Image.NEAREST)` on the PIL image (PIL's nearest), then `CenterCrop(size)`."
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+    try:
+        with Image.open(path) as image: image = image.convert('RGB')
+    except (OSError, ValueError) as e: raise MediaError(path, f'unreadable segmentation ({e})') from e
+    image = TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.NEAREST), size)   # PIL in, PIL out
+    return np.asarray(image).copy()
+
 def _read_rgb(path, kind: str) -> torch.Tensor:
     "(3, H, W) uint8 RGB of an image file; `MediaError` naming the file when it cannot be read."
     from PIL import Image
@@ -259,15 +288,17 @@ class ADE20KSound(torch.utils.data.Dataset):
     "ADE20K Sound (DenseAV): ADE20K images, the mask of one prompted object each, and a VGGSound clip of its sound."
     def __init__(self, root,                                     # `ADE20KSoundPrompted/` or the folder that holds it
                  config: PreprocessConfig | None = None,         # frames, windows and image size of the model
-                 check_files: bool = True):                      # verify every image, mask and audio file exists
+                 check_files: bool = True,                       # verify every image, mask and audio file exists
+                 mask_resize: str = 'pil_nearest'):              # 'pil_nearest' (DenseAV's masks) or 'nearest_exact' (torchvision, tensors)
         root = Path(root)
         if not (root / 'prompted_segmentation.csv').exists() and (root / ADE20K_SOUND_FOLDER / 'prompted_segmentation.csv').exists():
             root = root / ADE20K_SOUND_FOLDER
-        self.root, self.config = root, config or PreprocessConfig()
+        if mask_resize not in MASK_RESIZE_RULES: raise ValueError(f"mask_resize must be one of {MASK_RESIZE_RULES}, got {mask_resize!r}")
+        self.root, self.config, self.mask_resize = root, config or PreprocessConfig(), mask_resize
         size = self.config.image_size
         self.frame_transform = eval_transform(size)
         self.mask_geometry = transforms.Compose([transforms.Resize(size, interpolation=InterpolationMode.NEAREST_EXACT),
-                                                 transforms.CenterCrop(size)])
+                                                 transforms.CenterCrop(size)])   # the 'nearest_exact' option, on (3, H, W) tensors
         csv = root / 'prompted_segmentation.csv'
         if not csv.exists():
             raise FileNotFoundError(f"{csv}: not found. ADE20K Sound expects {root}/prompted_segmentation.csv with frames/, annotations/ "
@@ -311,9 +342,12 @@ class ADE20KSound(torch.utils.data.Dataset):
         return self.frame_transform(_read_rgb(self.image_path(i), 'image'))
 
     def load_mask(self, i: int) -> torch.Tensor:
-        "(S, S) bool mask of the prompted class, resized (nearest) and cropped like `load_frame`."
-        segmentation = self.mask_geometry(_read_rgb(self.segmentation_path(i), 'segmentation'))   # (3, S, S) uint8
-        return torch.from_numpy(ade20k_class_map(segmentation.permute(1, 2, 0).numpy()) == self.class_id(i))
+        "(S, S) bool mask of the prompted class, resized (nearest: PIL's by default, as DenseAV) and cropped like `load_frame`."
+        if self.mask_resize == 'pil_nearest':
+            segmentation = pil_nearest_geometry(self.segmentation_path(i), self.config.image_size)   # (S, S, 3) uint8
+        else:
+            segmentation = self.mask_geometry(_read_rgb(self.segmentation_path(i), 'segmentation')).permute(1, 2, 0).numpy()
+        return torch.from_numpy(ade20k_class_map(segmentation) == self.class_id(i))
 
     def load_audio_windows(self, i: int) -> torch.Tensor:
         "(T, L, mel) normalized fbank windows of the sound prompt."
@@ -339,8 +373,9 @@ class LocalizationMaps:
     classes: list               # M prompt class ids
     class_names: dict           # {class id: name}
 
-    def scores(self, num_thresholds: int = 20) -> LocalizationResult:
-        return localization_scores(self.maps, self.masks, self.classes, self.class_names, num_thresholds)
+    def scores(self, num_thresholds: int = 20, empty_classes: str = 'zero') -> LocalizationResult:
+        "`localization_scores` of these maps (`empty_classes`: 'zero' as DenseAV, or 'exclude')."
+        return localization_scores(self.maps, self.masks, self.classes, self.class_names, num_thresholds, empty_classes)
 
 @torch.inference_mode()
 def localization_maps(model,                        # a `CAVMAESync` model
@@ -349,10 +384,12 @@ def localization_maps(model,                        # a `CAVMAESync` model
                       device=None,                  # default: the model's device
                       num_workers: int = 0,         # DataLoader workers (decoding)
                       progress: bool = True,
+                      precision: str = 'fp16',      # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
                      ) -> LocalizationMaps:
     "Similarity maps of every (image, sound prompt) pair of an ADE20K Sound set."
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    precision_tag(device, precision)                                       # refuse an unknown precision before decoding
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda')
@@ -362,7 +399,7 @@ def localization_maps(model,                        # a `CAVMAESync` model
             audio = batch['audio'].to(device, non_blocking=True)                          # (B, T, L, mel)
             frames = batch['frame'].to(device, non_blocking=True)                         # (B, 3, S, S)
             B, T = audio.shape[:2]
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            with evaluation_autocast(device, precision):
                 audio_out = model.encode_audio(audio.flatten(0, 1))                       # embedding (B*T, D)
                 video_out = model.encode_video(frames)                                    # tokens (B, Nv, D)
             windows = F.normalize(audio_out.embedding.float(), dim=-1).reshape(B, T, -1)  # (B, T, D)
@@ -371,6 +408,6 @@ def localization_maps(model,                        # a `CAVMAESync` model
     finally: model.train(was_training)
     return LocalizationMaps(torch.cat(maps), torch.cat(masks), classes, dataset.class_names)
 
-def evaluate_localization(model, dataset: ADE20KSound, num_thresholds: int = 20, **kwargs) -> LocalizationResult:
-    "ADE20K Sound mAP / mIoU of a model (`kwargs` go to `localization_maps`)."
-    return localization_maps(model, dataset, **kwargs).scores(num_thresholds)
+def evaluate_localization(model, dataset: ADE20KSound, num_thresholds: int = 20, empty_classes: str = 'zero', **kwargs) -> LocalizationResult:
+    "ADE20K Sound mAP / mIoU of a model (DenseAV's rules by default; `kwargs` go to `localization_maps`, e.g. `precision`)."
+    return localization_maps(model, dataset, **kwargs).scores(num_thresholds, empty_classes)

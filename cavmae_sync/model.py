@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from .config import NUM_MEL_BINS, NUM_FRAMES, WINDOW, IMAGE_SIZE, TARGET_LENGTH
+from .config import NUM_MEL_BINS, NUM_FRAMES, WINDOW, IMAGE_SIZE, TARGET_LENGTH, FRAME_PRESET_NAMES, PreprocessConfig
 from .losses import masked_mse, info_nce, ContrastiveResult
 
 # %% auto #0
@@ -54,6 +54,7 @@ class ModelConfig:
     global_local_contrast: bool = False  # also contrast the mean-pooled patch tokens (average of the two losses)
     learnable_pos_embed: bool = False    # official: fixed sin-cos positions
     layer_norm_eps: float = 1e-5         # nn.LayerNorm default, as in the official model
+    frame_preset: str = 'on_screen'      # how its frames are made (`video.FRAME_PRESETS`); `load_official` sets the released ones
 
     def __post_init__(self):
         for name in ('embed_dim', 'num_heads', 'modality_depth', 'joint_depth', 'decoder_embed_dim', 'decoder_depth',
@@ -76,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.audio_mask_mode={self.audio_mask_mode!r} is not one of {AUDIO_MASK_MODES}")
         if not self.temperature > 0: raise ValueError(f"ModelConfig.temperature must be positive, got {self.temperature!r}")
         if not self.mlp_ratio > 0: raise ValueError(f"ModelConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if self.frame_preset not in FRAME_PRESET_NAMES:
+            raise ValueError(f"ModelConfig.frame_preset={self.frame_preset!r}: choose one of {list(FRAME_PRESET_NAMES)}")
         if self.global_local_contrast and not self.global_tokens:
             raise ValueError("ModelConfig.global_local_contrast needs global_tokens=True (without them the contrast is already local)")
 
@@ -96,6 +99,12 @@ class ModelConfig:
     def num_video_patches(self) -> int: return self.video_grid[0] * self.video_grid[1]
 
     def to_dict(self) -> dict: return asdict(self)
+
+    def preprocess_config(self) -> PreprocessConfig:
+        "The data pipeline this model expects: its T frames, `audio_length`-frame windows, image size, mel bins and frame preset."
+        return PreprocessConfig(num_frames=self.num_frames, window=self.audio_length, image_size=self.image_size,
+                                num_mel_bins=self.num_mel_bins, target_length=max(self.audio_length, TARGET_LENGTH),
+                                frame_preset=self.frame_preset)
 
     @classmethod
     def from_dict(cls, d: dict) -> 'ModelConfig':

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_reproduce.ipynb #15f15bc2
 from __future__ import annotations
-import json, math, os
+import contextlib, json, math, os, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +15,15 @@ import torch
 from .config import project_root, data_dir
 from .data import read_datafile
 from .video import VIDEO_EXTENSIONS
-from .checkpoint import load_checkpoint, load_official, CheckpointError, strip_prefix
+from .checkpoint import holds_classifier, load_model_file
 
 # %% auto #0
-__all__ = ['DATASETS', 'CLASS_SETS', 'check_dataset', 'data_file', 'missing_media', 'require_video_data', 'resolve_device',
-           'load_model', 'is_classifier_checkpoint', 'Outputs', 'synthetic_testbed', 'PretrainingSummary',
-           'pretraining_summary', 'pretraining_notes', 'PairedGain', 'paired_bootstrap']
+__all__ = ['DATASETS', 'CLASS_SETS', 'RETRIEVAL_HEADLINES', 'CLASSIFICATION_HEADLINES', 'LOCALIZATION_HEADLINES', 'check_dataset',
+           'data_file', 'missing_media', 'require_video_data', 'resolve_device', 'load_model',
+           'is_classifier_checkpoint', 'Outputs', 'synthetic_testbed', 'in_test', 'quick_sizes', 'cache_lock',
+           'PretrainingSummary', 'pretraining_summary', 'pretraining_notes', 'PairedGain', 'paired_bootstrap',
+           'Verdict', 'above_chance', 'retrieval_verdict', 'classification_verdict', 'localization_verdict',
+           'gap_direction', 'ablation_claim']
 
 # %% ../nbs/12_reproduce.ipynb #bf342b69
 DATASETS = {
@@ -99,19 +102,12 @@ def resolve_device(device: str = 'auto') -> torch.device:
 def load_model(path,                   # a cavmae_sync checkpoint (.pt) or released official weights (.pth)
                device='cpu',           # where the model goes
               ) -> torch.nn.Module:
-    "The model in `path`, whichever format it has, strictly loaded, in eval mode on `device`."
-    try: model = load_checkpoint(path).build_model()
-    except CheckpointError as ours:
-        try: model = load_official(path)
-        except CheckpointError as official:
-            raise CheckpointError(f"{path}: neither a cavmae_sync checkpoint ({ours}) nor loadable as official weights ({official})") from official
-    return model.to(device).eval()
+    "The model in `path`, whichever format it has, strictly loaded without running code from the file (`checkpoint.load_model_file`), in eval mode on `device`."
+    return load_model_file(path, device)
 
 def is_classifier_checkpoint(path) -> bool:
-    "Whether a checkpoint file (either format) holds a fine-tuned classifier: its weights include a classification head."
-    payload = torch.load(path, map_location='cpu', weights_only=False)
-    state = payload.get('state_dict', payload.get('model', payload)) if isinstance(payload, dict) else {}
-    return any(key.startswith('mlp_head.') for key in strip_prefix(state))
+    "Whether a checkpoint file (either format) holds a fine-tuned classifier, read safely (`checkpoint.holds_classifier`)."
+    return holds_classifier(path)
 
 # %% ../nbs/12_reproduce.ipynb #99d6c7c4
 @dataclass
@@ -121,9 +117,13 @@ class Outputs:
     dataset: str          # the notebook's `dataset`
 
     @classmethod
-    def create(cls, figures_dir, dataset: str) -> 'Outputs':
-        "Outputs in `figures_dir` (None: `<repo>/figures`), created if missing."
-        folder = Path(figures_dir) if figures_dir else project_root() / 'figures'
+    def create(cls, figures_dir, dataset: str,
+               scratch: bool = False,  # a test run: with no `figures_dir`, a new temporary folder instead of the committed figures/
+              ) -> 'Outputs':
+        "Outputs in `figures_dir` (None: `<repo>/figures`, or a temporary folder for a test run), created if missing."
+        if figures_dir: folder = Path(figures_dir)
+        elif scratch: folder = Path(tempfile.mkdtemp(prefix='cavmae_sync_figures_'))
+        else: folder = project_root() / 'figures'
         folder.mkdir(parents=True, exist_ok=True)
         return cls(folder, dataset)
 
@@ -136,11 +136,45 @@ def synthetic_testbed(num_train: int,        # training clips
                       seed: int = 0,         # the testbed's seed
                       progress: bool = False,
                      ) -> Path:              # the folder with train.json, test.json, labels.csv, the clips and their ground truth
-    "The synthetic testbed of this size and seed, generated on first use and cached under `data/`."
+    "The synthetic testbed of this size and seed, generated on first use and cached under `data/` (each size in its own folder)."
     from cavmae_sync.synthetic import default_synthetic, DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST
     default_size = (num_train, num_test, seed) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, 0)
     folder = data_dir() / ('synthetic' if default_size else f'synthetic_{num_train}x{num_test}_seed{seed}')
     return default_synthetic(folder, num_train, num_test, seed, progress=progress)
+
+# %% ../nbs/12_reproduce.ipynb #ccb4ea08
+_TEST_SIZES = {
+    'common': dict(num_train=48, num_test=12, train_minutes=0.2, train_batch_size=8, batch_size=4, num_workers=0,
+                   pretrain_overrides={'eval_data': ''}, progress=False),
+    'retrieval': {},
+    'classification': dict(probe_epochs=10, finetune_epochs=1, finetune_batch_size=8, include_random_init=False),
+    'localization': dict(grid_clips=2, grid_frames=3),
+    'ablations': dict(ablation_minutes=0.2, variants={'window 128': {'audio_length': 128}}, eval_frames=[1, 16]),
+}
+
+def in_test(quick=None,                # the notebook's `quick` parameter: True / False, or None to ask the environment
+           ) -> bool:
+    "Whether a notebook runs at test sizes: `quick` when set (papermill), else whether nbdev-test runs it (it sets IN_TEST)."
+    return bool(os.environ.get('IN_TEST')) if quick is None else bool(quick)
+
+def quick_sizes(notebook: str,          # 'retrieval', 'classification', 'localization' or 'ablations'
+              ) -> dict:               # {parameter: value} to apply over the notebook's defaults
+    "The parameters of a quick run of a reproduction notebook: small testbed, seconds of training, no DataLoader processes."
+    if notebook not in _TEST_SIZES or notebook == 'common':
+        raise ValueError(f"notebook={notebook!r}: one of {[k for k in _TEST_SIZES if k != 'common']}")
+    return json.loads(json.dumps({**_TEST_SIZES['common'], **_TEST_SIZES[notebook]}))     # a fresh copy: callers may change it
+
+@contextlib.contextmanager
+def cache_lock(name: str,              # which cache: 'models', ...
+              ):
+    "Hold an exclusive lock on `data_dir()/.<name>.lock` (flock; none where the platform has no fcntl) while filling a shared cache."
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try: import fcntl
+    except ImportError: fcntl = None
+    with open(folder / f'.{name}.lock', 'a') as handle:
+        if fcntl is not None: fcntl.flock(handle, fcntl.LOCK_EX)
+        yield                                                                   # closing the file releases the lock
 
 # %% ../nbs/12_reproduce.ipynb #24d8e008
 @dataclass
@@ -210,3 +244,97 @@ def paired_bootstrap(a,                        # (N,) per-query scores of the fi
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(gains, [tail, 100 - tail])
     return PairedGain(float((a.mean() - b.mean()) * 100), float(low), float(high))
+
+# %% ../nbs/12_reproduce.ipynb #e03b6707
+@dataclass
+class Verdict:
+    "A notebook's verdict on one claim of the paper."
+    outcome: str          # 'held', 'held weakly', 'held partly', 'did not hold' or 'no verdict'
+    headline: str         # the Markdown sentence the notebook prints
+
+RETRIEVAL_HEADLINES = {
+    'held': "**The paper's claim held on the testbed**: CAV-MAE Sync retrieves better than CAV-MAE in both directions, "
+            "and the gap is larger than the bootstrap noise.",
+    'held weakly': "**The paper's claim held only weakly on the testbed**: CAV-MAE Sync is ahead in both directions, but the "
+                   "bootstrap interval of at least one gap includes zero.",
+    'did not hold': "**The paper's claim did not hold on the testbed**: CAV-MAE Sync is not ahead of CAV-MAE in both directions.",
+    'no verdict': "**No verdict on the testbed**: neither CAV-MAE Sync nor CAV-MAE retrieves above chance in either direction, "
+                  "so the gap between them is noise; give both a longer budget (-p train_minutes ...).",
+}
+CLASSIFICATION_HEADLINES = {
+    'held': "**The paper's claim held on the testbed**: CAV-MAE Sync classified better than CAV-MAE in every protocol run here.",
+    'held partly': "**The paper's claim held only partly on the testbed**: CAV-MAE Sync classified better in some protocols, not all.",
+    'did not hold': "**The paper's claim did not hold on the testbed**: CAV-MAE Sync did not classify better than CAV-MAE.",
+}
+LOCALIZATION_HEADLINES = {
+    'held': "**The paper's claim held on the testbed**: CAV-MAE Sync's maps find the sounding source better than CAV-MAE's "
+            "(mAP, mIoU and pointing accuracy), and the pointing gap is larger than the bootstrap noise.",
+    'held partly': "**The paper's claim held only partly on the testbed**: CAV-MAE Sync is ahead on some localization measures, or its "
+                   "pointing gap is within the bootstrap noise.",
+    'did not hold': "**The paper's claim did not hold on the testbed**: CAV-MAE Sync's maps do not find the sounding source better than CAV-MAE's.",
+    'no verdict': "**No verdict on the testbed**: neither model's maps score above chance (a map marking every pixel, or a peak on a "
+                  "random pixel), so the gap between them is noise; give both a longer budget (-p train_minutes ...).",
+}
+
+def above_chance(percent: float,       # an observed rate in percent (e.g. R@1)
+                 n: int,               # over this many trials (queries)
+                 chance: float,        # the chance rate in percent
+                 alpha: float = 0.05,  # one-sided significance level
+                ) -> bool:
+    "Whether `percent` of `n` trials is above `chance` beyond binomial noise: an exact one-sided binomial test at level `alpha`."
+    if n <= 0: raise ValueError(f"above_chance needs at least one trial, got n={n}")
+    k, p = round(percent * n / 100), min(max(chance / 100, 0.0), 1.0)
+    if p <= 0: return k > 0
+    if p >= 1: return False
+    def log_pmf(i): return math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+    tail = sum(math.exp(log_pmf(i)) for i in range(k, n + 1))                   # P(X >= k) by chance
+    return k > n * p and tail < alpha
+
+def retrieval_verdict(table: pd.DataFrame,   # one row per direction: 'sync R@1', 'cavmae R@1', 'gain', 'gain 95% low', 'clips'
+                     ) -> Verdict:
+    "The retrieval claim: CAV-MAE Sync's R@1 (diagonal_mean) beats CAV-MAE's best evaluation in both directions."
+    missing = {'sync R@1', 'cavmae R@1', 'gain', 'gain 95% low', 'clips'} - set(table.columns)
+    if missing or table.empty: raise ValueError(f"retrieval_verdict needs one row per direction with columns {sorted(missing) or 'as above'}")
+    learned = [above_chance(row[model], int(row['clips']), 100 / int(row['clips'])) for _, row in table.iterrows()
+               for model in ('sync R@1', 'cavmae R@1')]
+    if not any(learned): outcome = 'no verdict'
+    elif (table['gain 95% low'] > 0).all(): outcome = 'held'
+    elif (table['gain'] > 0).all(): outcome = 'held weakly'
+    else: outcome = 'did not hold'
+    return Verdict(outcome, RETRIEVAL_HEADLINES[outcome])
+
+def classification_verdict(results: pd.DataFrame,            # columns 'model', 'method', 'metric' (one row per model and protocol)
+                           sync: str = 'CAV-MAE Sync (tiny)',  # the model the claim is about
+                           baseline: str = 'CAV-MAE (tiny)',   # the model it is compared with
+                          ) -> Verdict:
+    "The classification claim: CAV-MAE Sync's metric beats CAV-MAE's in every protocol (linear probe, fine-tuning) both ran."
+    table = results.pivot_table(index='method', columns='model', values='metric')
+    if sync not in table or baseline not in table: raise ValueError(f"classification_verdict needs rows of {sync!r} and {baseline!r}")
+    wins = (table[sync] > table[baseline])[table[[sync, baseline]].notna().all(axis=1)]
+    if wins.empty: raise ValueError(f"classification_verdict: no protocol has results of both {sync!r} and {baseline!r}")
+    outcome = 'held' if wins.all() else 'held partly' if wins.any() else 'did not hold'
+    return Verdict(outcome, CLASSIFICATION_HEADLINES[outcome])
+
+def localization_verdict(table: pd.DataFrame,   # rows 'metric' mAP, mIoU, pointing_accuracy; 'CAV-MAE Sync', 'CAV-MAE', 'gain', 'gain 95% low', 'chance'
+                        ) -> Verdict:
+    "The localization claim: CAV-MAE Sync's maps beat CAV-MAE's on every measure, the pointing gap beyond the bootstrap noise."
+    rows = table.set_index('metric')
+    if set(rows.index) != {'mAP', 'mIoU', 'pointing_accuracy'}: raise ValueError(f"localization_verdict needs the rows mAP, mIoU, pointing_accuracy; got {list(rows.index)}")
+    if not ((rows['CAV-MAE Sync'] > rows['chance']) | (rows['CAV-MAE'] > rows['chance'])).any(): outcome = 'no verdict'
+    elif (rows['gain'] > 0).all() and rows.loc['pointing_accuracy', 'gain 95% low'] > 0: outcome = 'held'
+    elif (rows['gain'] > 0).any(): outcome = 'held partly'
+    else: outcome = 'did not hold'
+    return Verdict(outcome, LOCALIZATION_HEADLINES[outcome])
+
+def gap_direction(row) -> str:
+    "'better', 'worse' or 'no clear difference': where the 95% interval of a gain ('gain 95% low', 'gain 95% high') lies."
+    return 'better' if row['gain 95% low'] > 0 else 'worse' if row['gain 95% high'] < 0 else 'no clear difference'
+
+def ablation_claim(removal: pd.DataFrame,   # the gap rows of the variant that removes an ingredient (gain = variant - reference)
+                  ) -> str:
+    "Whether removing an ingredient (or using CAV-MAE instead of Sync) hurt, judged by the first row's 95% interval."
+    if removal.empty: return 'not run'
+    r = removal.iloc[0]
+    if r['gain 95% high'] < 0: return f"held ({r['gain']:+.1f} points)"
+    if r['gain 95% low'] > 0: return f"did not hold: the opposite ({r['gain']:+.1f} points)"
+    return f"not shown: within the bootstrap noise ({r['gain']:+.1f} points)"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_retrieval.ipynb #759d9394
 from __future__ import annotations
-import hashlib, json, warnings
+import hashlib, json, os, warnings
 from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,12 +17,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .config import PreprocessConfig
-from .checkpoint import atomic_torch_save
+from .checkpoint import atomic_torch_save, safe_load
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'similarity', 'retrieval_ranks', 'recall_metrics', 'retrieval_table', 'class_balanced_subset',
-           'ClipEmbeddings', 'model_fingerprint', 'clip_ids', 'dataset_fingerprint', 'clip_loader', 'encode_clip_batch',
-           'iterate_encoded', 'embed_dataset', 'VideoEmbedding', 'model_preprocess_config', 'embed_video']
+__all__ = ['STRATEGIES', 'EVAL_PRECISIONS', 'similarity', 'RankCounts', 'rank_counts', 'retrieval_ranks', 'recall_hits',
+           'recall_metrics', 'retrieval_table', 'ClipEmbeddings', 'model_fingerprint', 'clip_ids', 'media_fingerprint',
+           'dataset_fingerprint', 'clip_loader', 'evaluation_autocast', 'precision_tag', 'encode_clip_batch',
+           'iterate_encoded', 'embed_dataset', 'class_balanced_subset', 'RetrievalSubset', 'paper_list_path',
+           'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset', 'VideoEmbedding',
+           'model_preprocess_config', 'embed_video']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
@@ -76,29 +79,72 @@ def similarity(audio: torch.Tensor,                 # (Na, T, D) audio embedding
     return scores
 
 # %% ../nbs/09_retrieval.ipynb #898267e8
-def retrieval_ranks(similarity: torch.Tensor,   # (N, N): rows are queries, the true match of row i is column i
-                    chunk_size: int = 4096,      # rows compared at a time
-                   ) -> torch.Tensor:            # (N,) int64 ranks, 1 = best
-    "Rank of each query's true match: 1 + the number of candidates with a strictly higher score."
+@dataclass
+class RankCounts:
+    "Where each query's true match stands: candidates scored strictly higher, and other candidates tied with it."
+    higher: torch.Tensor          # (N,) int64: candidates with a strictly higher score
+    tied: torch.Tensor            # (N,) int64: other candidates with exactly the true match's score
+
+    def __len__(self): return len(self.higher)
+
+    @property
+    def expected_rank(self) -> torch.Tensor:              # (N,) float64, 1 = best
+        "Rank of the true match, in expectation over a uniformly random order among tied candidates."
+        return self.higher.double() + 1 + self.tied.double() / 2
+
+    def hits(self, k: int) -> torch.Tensor:                # (N,) float64 in [0, 1]
+        "Per query, the probability that the true match ranks k or better under a random order among ties."
+        if k < 1: raise ValueError(f"k must be at least 1, got {k}")
+        return ((k - self.higher.double()) / (self.tied.double() + 1)).clamp(0, 1)
+
+    @property
+    def num_tied(self) -> int:
+        "Queries whose true match is tied with at least one other candidate."
+        return int((self.tied > 0).sum())
+
+def _square_scores(similarity) -> torch.Tensor:
     if not isinstance(similarity, torch.Tensor): similarity = torch.as_tensor(np.asarray(similarity))
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"recall needs a square (N, N) similarity matrix with true matches on the diagonal, got {tuple(similarity.shape)}")
     if similarity.shape[0] == 0: raise ValueError("the similarity matrix is empty")
     if torch.isnan(similarity).any(): raise ValueError("the similarity matrix contains NaN")
-    true_scores = similarity.diagonal()                                 # (N,)
-    ranks = torch.empty(similarity.shape[0], dtype=torch.long)
-    for start in range(0, similarity.shape[0], chunk_size):
+    return similarity
+
+def rank_counts(similarity: torch.Tensor,   # (N, N): rows are queries, the true match of row i is column i
+                chunk_size: int = 4096,      # rows compared at a time
+               ) -> RankCounts:
+    "Per query, how many candidates score strictly higher than the true match and how many others tie with it."
+    similarity = _square_scores(similarity)
+    n = similarity.shape[0]
+    true_scores = similarity.diagonal()                                   # (N,)
+    higher, tied = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    for start in range(0, n, chunk_size):
         block = similarity[start:start + chunk_size]                      # (c, N)
-        ranks[start:start + chunk_size] = (block > true_scores[start:start + chunk_size, None]).sum(1).cpu() + 1
-    return ranks
+        truth = true_scores[start:start + chunk_size, None]               # (c, 1)
+        higher[start:start + chunk_size] = (block > truth).sum(1).cpu()
+        tied[start:start + chunk_size] = (block == truth).sum(1).cpu() - 1   # the true match itself is not a tie
+    return RankCounts(higher, tied)
+
+def retrieval_ranks(similarity: torch.Tensor,   # (N, N): rows are queries, the true match of row i is column i
+                    chunk_size: int = 4096,      # rows compared at a time
+                   ) -> torch.Tensor:            # (N,) float64 expected ranks, 1 = best
+    "Expected rank of each query's true match under a random order among tied candidates (the plain rank without ties)."
+    return rank_counts(similarity, chunk_size).expected_rank
+
+def recall_hits(similarity: torch.Tensor,        # (N, N): rows are queries, the true match of row i is column i
+                k: int = 1,                      # the k of R@k
+               ) -> torch.Tensor:                # (N,) float64: P(rank <= k) per query; its mean is R@k / 100
+    "Per-query recall at k, in expectation over a random order among ties (e.g. for a paired bootstrap of R@1)."
+    return rank_counts(similarity).hits(k)
 
 def recall_metrics(similarity: torch.Tensor,     # (N, N): rows are queries, the true match of row i is column i
                    ks: Sequence[int] = (1, 5, 10),  # the k of each R@k
-                  ) -> dict:                     # {'R@1': %, 'R@5': %, 'R@10': %, 'MR': median rank}
-    "Recall at k (percent) and median rank of the true matches, rows as queries."
-    ranks = retrieval_ranks(similarity).double()
-    metrics = {f'R@{k}': float((ranks <= k).double().mean() * 100) for k in ks}
-    metrics['MR'] = float(np.median(ranks.numpy()))
+                  ) -> dict:                     # {'R@1': %, 'R@5': %, 'R@10': %, 'MR': median expected rank, 'ties': queries}
+    "Recall at k (percent, expected under random tie order), median rank and the number of queries that met a tie."
+    counts = rank_counts(similarity)
+    metrics = {f'R@{k}': float(counts.hits(k).mean() * 100) for k in ks}
+    metrics['MR'] = float(np.median(counts.expected_rank.numpy()))
+    metrics['ties'] = counts.num_tied
     return metrics
 
 # %% ../nbs/09_retrieval.ipynb #b766a103
@@ -107,8 +153,8 @@ def retrieval_table(audio: torch.Tensor,                    # (N, T, D) audio em
                     strategies: Sequence[str] = STRATEGIES, # similarity strategies to evaluate
                     ks: Sequence[int] = (1, 5, 10),
                     **similarity_kwargs,                    # passed to `similarity` (chunk_size, memory_budget)
-                   ) -> pd.DataFrame:                       # one row per (strategy, direction): R@k (%) and MR
-    "R@k and median rank for both retrieval directions and every strategy."
+                   ) -> pd.DataFrame:                       # one row per (strategy, direction): R@k (%), MR, ties
+    "R@k, median rank and the number of queries that met a tie, for both retrieval directions and every strategy."
     if len(audio) != len(video): raise ValueError(f"retrieval needs paired clips: {len(audio)} audio vs {len(video)} video embeddings")
     rows = []
     for strategy in strategies:
@@ -116,30 +162,6 @@ def retrieval_table(audio: torch.Tensor,                    # (N, T, D) audio em
         for direction, matrix in (('audio_to_video', scores), ('video_to_audio', scores.T)):
             rows.append({'strategy': strategy, 'direction': direction, **recall_metrics(matrix, ks)})
     return pd.DataFrame(rows)
-
-# %% ../nbs/09_retrieval.ipynb #f826e089
-def class_balanced_subset(labels,                  # (N,) class indices, or (N, C) one-hot / multi-hot targets
-                          per_class: int = 5,      # clips drawn per class
-                          seed: int = 0,           # the draw is reproducible for a given seed
-                          strict: bool = True,     # raise when a class has fewer than `per_class` clips
-                         ) -> np.ndarray:          # sorted clip indices
-    "Indices of `per_class` clips per class, drawn reproducibly."
-    labels = torch.as_tensor(np.asarray(labels))
-    if labels.ndim == 1: targets = F.one_hot(labels.long(), int(labels.max()) + 1).bool()   # (N, C)
-    elif labels.ndim == 2: targets = labels > 0
-    else: raise ValueError(f"labels must be (N,) class indices or (N, C) targets, got shape {tuple(labels.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(targets), generator=gen)                 # one shuffle, then per-class picks in that order
-    taken = torch.zeros(len(targets), dtype=torch.bool)
-    short = []
-    for c in range(targets.shape[1]):
-        candidates = order[targets[order, c] & ~taken[order]][:per_class]
-        if len(candidates) < per_class: short.append((c, len(candidates)))
-        taken[candidates] = True
-    if short and strict:
-        listed = ', '.join(f'class {c}: {n}' for c, n in short[:10]) + (' ...' if len(short) > 10 else '')
-        raise ValueError(f"{len(short)} classes have fewer than {per_class} clips ({listed}); pass strict=False to take what there is")
-    return np.flatnonzero(taken.numpy())
 
 # %% ../nbs/09_retrieval.ipynb #66adf636
 @dataclass
@@ -174,7 +196,7 @@ class ClipEmbeddings:
 
     @classmethod
     def load(cls, path) -> 'ClipEmbeddings':
-        data = torch.load(path, map_location='cpu', weights_only=True)
+        data = safe_load(path)            # weights-only: a cache file never runs code
         if not isinstance(data, dict) or data.get('format') != 'cavmae_sync.ClipEmbeddings/1':
             raise ValueError(f"{path}: not a ClipEmbeddings file")
         data.pop('format')
@@ -189,17 +211,16 @@ def _jsonable(x):
     return str(x)
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    "A hash of a model's configuration and a sample of each weight tensor."
+    "A hash of a model's configuration and of every element of every tensor of its state dict."
     digest = hashlib.sha256()
     digest.update(json.dumps(_jsonable(getattr(model, 'config', None)), sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach()
         digest.update(f'{name}|{tuple(tensor.shape)}|{tensor.dtype}'.encode())
-        flat = tensor.reshape(-1)
-        if flat.numel():
-            sample = flat[::max(1, flat.numel() // 1024)][:1024]
-            digest.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool
-                          else sample.cpu().numpy().tobytes())
+        if tensor.numel():
+            flat = tensor.cpu().contiguous().reshape(-1)                   # (numel,) the exact values, no conversion
+            data = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+            digest.update(memoryview(data.numpy()))                        # every byte, without a copy
     return digest.hexdigest()[:16]
 
 def clip_ids(dataset) -> list[str] | None:
@@ -214,8 +235,40 @@ def clip_ids(dataset) -> list[str] | None:
         if None in ids: ids = None
     return [str(i) for i in ids] if ids is not None else None
 
+def _clip_sources(dataset) -> list | None:
+    "The `ClipSource` of each clip (through `Subset`s), or None when the data set has no `sources`."
+    if isinstance(dataset, Subset):
+        parent = _clip_sources(dataset.dataset)
+        return None if parent is None else [parent[i] for i in dataset.indices]
+    sources = getattr(dataset, 'sources', None)
+    return list(sources) if isinstance(sources, (list, tuple)) else None
+
+def _stat_entry(path) -> str:
+    try: info = os.stat(path)
+    except OSError: return f'{path}|missing'
+    return f'{path}|{info.st_size}|{info.st_mtime_ns}'
+
+def media_fingerprint(dataset) -> str | None:
+    "A hash of the path, size and modification time (ns) of every media file behind a data set's clips; None when it names none."
+    sources = _clip_sources(dataset)
+    if sources is None: return None
+    digest, frame_folders = hashlib.sha256(), {}
+    for source in sources:
+        for attribute in ('video', 'audio'):
+            path = getattr(source, attribute, None)
+            if path is not None: digest.update(_stat_entry(path).encode() + b'\n')
+        root = getattr(source, 'frame_root', None)
+        if root is not None:                                               # pre-extracted layout: root/frame_{i}/{video_id}.jpg
+            if root not in frame_folders:
+                try: frame_folders[root] = sorted(e.name for e in os.scandir(root) if e.name.startswith('frame_') and e.is_dir())
+                except OSError: frame_folders[root] = []
+            digest.update(f'{root}|{len(frame_folders[root])} frame folders\n'.encode())
+            for folder in frame_folders[root]:
+                digest.update(_stat_entry(Path(root) / folder / f'{source.video_id}.jpg').encode() + b'\n')
+    return digest.hexdigest()
+
 def dataset_fingerprint(dataset) -> str:
-    "A hash of a data set's type, length, clip ids and preprocessing configuration."
+    "A hash of a data set's type, length, clip ids, preprocessing configuration and media files (path, size, mtime)."
     description = {'type': type(dataset).__qualname__, 'length': len(dataset)}
     ids = clip_ids(dataset)
     if ids is not None: description['ids'] = hashlib.sha256('\n'.join(ids).encode()).hexdigest()
@@ -224,6 +277,8 @@ def dataset_fingerprint(dataset) -> str:
         value = getattr(base, attribute, None)
         if callable(value) and attribute == 'fingerprint': value = value()
         if value is not None and not callable(value): description[attribute] = _jsonable(value)
+    media = media_fingerprint(dataset)
+    if media is not None: description['media'] = media
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/09_retrieval.ipynb #a44671cd
@@ -256,6 +311,22 @@ def clip_loader(dataset, batch_size: int = 8, num_workers: int = 0, pin_memory: 
 def _model_device(model, device):
     return torch.device(device) if device is not None else next(model.parameters()).device
 
+EVAL_PRECISIONS = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
+
+def evaluation_autocast(device,                   # where the encoder runs
+                        precision: str = 'fp16',  # CUDA autocast: 'fp16' (the released evaluation's), 'bf16' or 'fp32' (none)
+                       ):
+    "The autocast context of evaluation: fp16 on CUDA by default, as the released code; nothing on a CPU."
+    if precision not in EVAL_PRECISIONS: raise ValueError(f"precision must be one of {tuple(EVAL_PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    dtype = EVAL_PRECISIONS[precision]
+    return torch.autocast('cuda', dtype=dtype or torch.float16, enabled=device.type == 'cuda' and dtype is not None)
+
+def precision_tag(device, precision: str = 'fp16') -> str:
+    "What a cache key must add for the numeric format: '' on a CPU (always fp32), '-cuda-<precision>' on a GPU."
+    if precision not in EVAL_PRECISIONS: raise ValueError(f"precision must be one of {tuple(EVAL_PRECISIONS)}, got {precision!r}")
+    return f'-cuda-{precision}' if torch.device(device).type == 'cuda' else ''
+
 @torch.inference_mode()
 def encode_clip_batch(model,                      # a `CAVMAESync` (anything with `encode(audio, frames)`)
                       audio: torch.Tensor,        # (B, T, L, mel) audio windows
@@ -263,6 +334,7 @@ def encode_clip_batch(model,                      # a `CAVMAESync` (anything wit
                       device=None,
                       normalize: bool = True,     # L2-normalize each frame's embedding
                       whole_clip_audio: bool = False,  # the T windows of a clip are one whole-clip spectrogram (CAV-MAE): encode it once
+                      precision: str = 'fp16',    # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
                      ) -> tuple[torch.Tensor, torch.Tensor]:   # audio, video embeddings (B, T, D) float32 on the CPU
     "All T frames of B clips through the encoder as one (B*T) batch."
     if audio.ndim != 4 or frames.ndim != 5 or audio.shape[:2] != frames.shape[:2]:
@@ -272,7 +344,7 @@ def encode_clip_batch(model,                      # a `CAVMAESync` (anything wit
     if whole_clip_audio and not torch.equal(audio[:, :1].expand_as(audio), audio):
         raise ValueError("whole_clip_audio=True, but the audio windows of a clip differ: the data set's window must cover the whole "
                          f"clip spectrogram (window {audio.shape[2]} frames here)")
-    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+    with evaluation_autocast(device, precision):
         if whole_clip_audio:      # one audio embedding per clip, paired with each of its T frames
             audio_emb = model.encode_audio(audio[:, 0].to(device, non_blocking=True)).embedding                  # (B, D)
             audio_emb = audio_emb[:, None].expand(B, T, -1).flatten(0, 1)                                      # (B*T, D)
@@ -285,10 +357,12 @@ def encode_clip_batch(model,                      # a `CAVMAESync` (anything wit
     return audio_emb.reshape(B, T, -1).cpu(), video_emb.reshape(B, T, -1).cpu()          # (B, T, D)
 
 def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_workers: int = 0, normalize: bool = True,
-                    start: int = 0, progress: bool = True, desc: str = 'embedding clips', whole_clip_audio: bool = False) -> Iterator[dict]:
-    """Encode a data set batch by batch in eval mode: yields {'positions', 'skipped', 'audio' (B, T, D), 'video',
-    'labels' (if the items have them), 'video_id' (if they have them)} per batch."""
+                    start: int = 0, progress: bool = True, desc: str = 'embedding clips', whole_clip_audio: bool = False,
+                    precision: str = 'fp16') -> Iterator[dict]:
+    """Encode a data set batch by batch in eval mode (CUDA: `precision` autocast, fp16 by default): yields {'positions',
+    'skipped', 'audio' (B, T, D), 'video', 'labels' (if the items have them), 'video_id' (if they have them)} per batch."""
     device = _model_device(model, device)
+    precision_tag(device, precision)                                       # refuse an unknown precision before decoding anything
     loader = clip_loader(dataset, batch_size, num_workers, pin_memory=device.type == 'cuda', start=start)
     was_training = model.training
     model.eval()
@@ -296,7 +370,7 @@ def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_worker
         for batch in tqdm(loader, desc=desc, disable=not progress, unit='batch'):
             if batch['positions']:
                 batch['audio'], batch['video'] = encode_clip_batch(model, batch.pop('audio'), batch.pop('frames'), device, normalize,
-                                                                   whole_clip_audio)
+                                                                   whole_clip_audio, precision)
             yield batch
     finally: model.train(was_training)
 
@@ -311,20 +385,22 @@ def embed_dataset(model,                          # a `CAVMAESync` model
                   save_every: int = 100,          # batches between partial saves (resume after an interruption)
                   progress: bool = True,
                   whole_clip_audio: bool = False, # CAV-MAE: one whole-clip audio embedding per clip, paired with each of its T frames
+                  precision: str = 'fp16',        # CUDA autocast: 'fp16' (as the released evaluation), 'bf16' or 'fp32'; CPU: fp32
                  ) -> ClipEmbeddings:
     "Per-frame audio and visual embeddings of every clip of a data set, kept in `cache_path` when given."
-    fingerprint = f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}' + ('-whole-clip-audio' if whole_clip_audio else '')
+    fingerprint = (f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}' + ('-whole-clip-audio' if whole_clip_audio else '')
+                   + precision_tag(_model_device(model, device), precision))
     cache_path = Path(cache_path) if cache_path is not None else None
     partial_path = cache_path.with_name(cache_path.name + '.partial') if cache_path else None
     if cache_path is not None and cache_path.exists():
         cached = ClipEmbeddings.load(cache_path)
         if cached.fingerprint == fingerprint: return cached
         if not overwrite:
-            raise ValueError(f"{cache_path}: embeddings of another model or data set (fingerprint {cached.fingerprint}, now {fingerprint}); "
-                             f"pass overwrite=True to recompute or choose another cache_path")
+            raise ValueError(f"{cache_path}: embeddings of another model or data set, or of media files replaced since "
+                             f"(fingerprint {cached.fingerprint}, now {fingerprint}); pass overwrite=True to recompute or choose another cache_path")
     audio, video, ids, skipped, start = [], [], [], [], 0
     if partial_path is not None and partial_path.exists():
-        state = torch.load(partial_path, map_location='cpu', weights_only=True)
+        state = safe_load(partial_path)
         if state.get('fingerprint') == fingerprint:
             audio, video, ids, skipped, start = [state['audio']], [state['video']], state['video_ids'], state['skipped'], state['next_position']
     known_ids = clip_ids(dataset)
@@ -333,7 +409,8 @@ def embed_dataset(model,                          # a `CAVMAESync` model
         atomic_torch_save({'fingerprint': fingerprint, 'audio': torch.cat(audio), 'video': torch.cat(video), 'video_ids': ids,
                       'skipped': skipped, 'next_position': next_position}, partial_path)
 
-    batches = iterate_encoded(model, dataset, batch_size, device, num_workers, start=start, progress=progress, whole_clip_audio=whole_clip_audio)
+    batches = iterate_encoded(model, dataset, batch_size, device, num_workers, start=start, progress=progress,
+                              whole_clip_audio=whole_clip_audio, precision=precision)
     for step, batch in enumerate(batches, 1):
         skipped += batch['skipped']
         if batch['positions']:
@@ -349,6 +426,138 @@ def embed_dataset(model,                          # a `CAVMAESync` model
         if partial_path.exists(): partial_path.unlink()
     return result
 
+# %% ../nbs/09_retrieval.ipynb #f826e089
+def class_balanced_subset(labels,                  # (N,) class indices, or (N, C) one-hot / multi-hot targets
+                          per_class: int = 5,      # clips drawn per class
+                          seed: int = 0,           # the draw is reproducible for a given seed
+                          strict: bool = True,     # raise when a class has fewer than `per_class` clips
+                         ) -> np.ndarray:          # sorted clip indices
+    "Indices of `per_class` clips per class, drawn reproducibly."
+    labels = torch.as_tensor(np.asarray(labels))
+    if labels.ndim == 1: targets = F.one_hot(labels.long(), int(labels.max()) + 1).bool()   # (N, C)
+    elif labels.ndim == 2: targets = labels > 0
+    else: raise ValueError(f"labels must be (N,) class indices or (N, C) targets, got shape {tuple(labels.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(targets), generator=gen)                 # one shuffle, then per-class picks in that order
+    taken = torch.zeros(len(targets), dtype=torch.bool)
+    short = []
+    for c in range(targets.shape[1]):
+        candidates = order[targets[order, c] & ~taken[order]][:per_class]
+        if len(candidates) < per_class: short.append((c, len(candidates)))
+        taken[candidates] = True
+    if short and strict:
+        listed = ', '.join(f'class {c}: {n}' for c, n in short[:10]) + (' ...' if len(short) > 10 else '')
+        raise ValueError(f"{len(short)} classes have fewer than {per_class} clips ({listed}); pass strict=False to take what there is")
+    return np.flatnonzero(taken.numpy())
+
+# %% ../nbs/09_retrieval.ipynb #f1da003a
+@dataclass
+class RetrievalSubset:
+    "The clips a retrieval evaluation uses, where they come from, and whether they are the paper's."
+    indices: np.ndarray            # positions in the user's data set, in the order of the list (or of the draw)
+    video_ids: list[str]           # their ids
+    source: str                    # 'paper list', 'user list' or 'drawn'
+    is_papers_subset: bool         # True only for the paper's own list (VGGSound, all of it or what the user has of it)
+    listed: int                    # clips the list names (drawn: clips drawn)
+    missing: list[str] = field(default_factory=list)   # listed clips the user's data set lacks
+    list_file: str | None = None   # the list's file
+
+    def __len__(self): return len(self.indices)
+
+    def summary(self) -> str:
+        "One line for the notebook: what was evaluated, and what is missing."
+        where = f' ({self.list_file})' if self.list_file else ''
+        if self.source == 'drawn':
+            return (f'{len(self)} clips drawn per class from the data set: NOT the paper\'s subset (its list is not released); '
+                    f'numbers are not directly comparable to the paper\'s')
+        text = f'{len(self)} of the {self.listed} clips of the {self.source}{where}'
+        if self.missing:
+            shown = ', '.join(self.missing[:5]) + (' ...' if len(self.missing) > 5 else '')
+            text += f'; {len(self.missing)} listed clips are missing from this copy ({shown})'
+        return text + ('' if self.is_papers_subset else "; a user list, not the paper's")
+
+def paper_list_path(name: str = 'vggsound_retrieval_subset.csv') -> Path:
+    "A list shipped in the repository's `data/` folder (the paper's VGGSound retrieval list by default)."
+    from cavmae_sync.config import project_root
+    path = project_root() / 'data' / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found. It ships in the cavmae_sync repository's data/ folder; run from a checkout "
+                                f"or pass the list file explicitly (list_subset(list_file, ids))")
+    return path
+
+def read_clip_list(path) -> list[str]:
+    "Clip ids of a list file: a CSV with a `video_id` column, an official datafile JSON, or a text file of one id per line."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"{path}: clip list not found")
+    if path.suffix.lower() == '.json':
+        try: rows = json.loads(path.read_text()).get('data')
+        except (json.JSONDecodeError, AttributeError) as e: raise ValueError(f"{path}: not an official datafile JSON ({e})") from e
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and r.get('video_id') for r in rows):
+            raise ValueError(f"{path}: expected {{\"data\": [{{\"video_id\": ...}}, ...]}}")
+        ids = [str(r['video_id']) for r in rows]
+    elif path.suffix.lower() == '.csv':
+        table = pd.read_csv(path, dtype=str)
+        if 'video_id' not in table.columns: raise ValueError(f"{path}: needs a video_id column, found {list(table.columns)}")
+        ids = table['video_id'].fillna('').str.strip().tolist()
+    else:
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith('#')]
+    if not ids or '' in ids: raise ValueError(f"{path}: {'no clip ids' if not ids else 'an empty video_id'}")
+    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if repeated: raise ValueError(f"{path}: repeated video_id {repeated[:5]}")
+    return ids
+
+def _ids_of(dataset_or_ids) -> list[str]:
+    if isinstance(dataset_or_ids, (list, tuple, np.ndarray, pd.Series)): return [str(i) for i in dataset_or_ids]
+    ids = clip_ids(dataset_or_ids)
+    if ids is None: raise ValueError(f"{type(dataset_or_ids).__name__} does not expose clip ids (video_ids or sources); pass the ids")
+    return ids
+
+def list_subset(list_file,                        # the list: CSV with video_id, datafile JSON, or one id per line
+                dataset_or_ids,                   # the user's data set (ids via `clip_ids`) or its list of ids
+                is_papers_subset: bool = False,   # whether the list is the paper's own
+               ) -> RetrievalSubset:
+    "The listed clips that the data set has (in list order), and the listed clips it lacks."
+    wanted, ids = read_clip_list(list_file), _ids_of(dataset_or_ids)
+    position = {}
+    for k, video_id in enumerate(ids): position.setdefault(video_id, k)
+    present = [v for v in wanted if v in position]
+    missing = [v for v in wanted if v not in position]
+    if not present:
+        raise ValueError(f"none of the {len(wanted)} clips of {list_file} is in the data set (its ids look like {ids[:3]}, "
+                         f"the list's like {wanted[:3]})")
+    return RetrievalSubset(np.array([position[v] for v in present], dtype=np.int64), present,
+                           'paper list' if is_papers_subset else 'user list', is_papers_subset, len(wanted), missing, str(list_file))
+
+def paper_subset(dataset_or_ids,                  # the user's VGGSound test data set, or its clip ids
+                 list_file=None,                  # default: data/vggsound_retrieval_subset.csv (the paper's 1,545 clips)
+                ) -> RetrievalSubset:
+    "The paper's VGGSound retrieval clips that the user's copy has, with the count and ids of those it lacks."
+    return list_subset(list_file or paper_list_path(), dataset_or_ids, is_papers_subset=True)
+
+def drawn_subset(labels,                          # (N,) class indices or (N, C) targets of the data set's clips
+                 video_ids: Sequence[str],        # the N clip ids
+                 per_class: int = 5,
+                 seed: int = 0,
+                ) -> RetrievalSubset:
+    "`per_class` clips per class drawn reproducibly, labelled as not the paper's subset."
+    keep = class_balanced_subset(labels, per_class, seed=seed, strict=False)
+    if len(video_ids) != len(np.asarray(labels)): raise ValueError(f"{len(video_ids)} ids for {len(np.asarray(labels))} label rows")
+    return RetrievalSubset(keep, [str(video_ids[i]) for i in keep], 'drawn', False, len(keep))
+
+def evaluation_subset(dataset,                    # the user's test data set (`data.DatafileDataset`: ids and labels from its sources)
+                      name: str,                  # 'vggsound': the paper's list by default; 'audioset' (or other): a list or a draw
+                      list_file=None,             # a clip list to use instead (CSV with video_id, datafile JSON, one id per line)
+                      per_class: int = 5,         # a draw: clips per class
+                      seed: int = 0,              # a draw: its seed
+                     ) -> RetrievalSubset:
+    "The retrieval subset of a real data set: the paper's VGGSound list, a user's list, or a draw labelled as not the paper's."
+    if list_file is not None: return list_subset(list_file, dataset)
+    if name == 'vggsound': return paper_subset(dataset)
+    sources = _clip_sources(dataset)
+    if sources is None or any(getattr(s, 'labels', None) is None for s in sources):
+        raise ValueError(f"drawing {per_class} clips per class needs the clips' labels (a data set built with a label CSV), or pass list_file")
+    return drawn_subset(torch.stack([torch.as_tensor(s.labels) for s in sources]), [s.video_id for s in sources], per_class, seed)
+
 # %% ../nbs/09_retrieval.ipynb #f0a3c73c
 @dataclass
 class VideoEmbedding:
@@ -359,15 +568,14 @@ class VideoEmbedding:
     frame_times: torch.Tensor | None = None   # (T,) seconds of each frame
 
 def model_preprocess_config(model) -> PreprocessConfig:
-    "The preprocessing a model expects: its number of frames, window length, image size and mel bins."
-    c = model.config
-    return PreprocessConfig(num_frames=c.num_frames, window=c.audio_length, image_size=c.image_size, num_mel_bins=c.num_mel_bins,
-                            target_length=max(c.audio_length, PreprocessConfig().target_length))
+    "The preprocessing a model expects (`ModelConfig.preprocess_config`): frames, window, image size, mel bins and frame preset."
+    return model.config.preprocess_config()
 
 def embed_video(path,                              # a video file with an audio track
                 model,                             # a `CAVMAESync` model
                 config: PreprocessConfig | None = None,   # default: `model_preprocess_config(model)`
                 device=None,
+                precision: str = 'fp16',           # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
                ) -> VideoEmbedding:
     "T audio and T visual embeddings of one video file."
     from cavmae_sync.data import load_clip
@@ -375,6 +583,6 @@ def embed_video(path,                              # a video file with an audio 
     clip = load_clip(path, config=config)                                             # frames (T, 3, S, S), audio (T, L, mel)
     was_training = model.training
     model.eval()
-    try: audio, video = encode_clip_batch(model, clip.audio[None], clip.frames[None], device)     # (1, T, D)
+    try: audio, video = encode_clip_batch(model, clip.audio[None], clip.frames[None], device, precision=precision)   # (1, T, D)
     finally: model.train(was_training)
     return VideoEmbedding(audio[0], video[0], str(path), getattr(clip, 'frame_times', None))

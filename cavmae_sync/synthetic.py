@@ -12,11 +12,12 @@ import numpy as np
 # %% auto #0
 __all__ = ['SYNTHETIC_VERSION', 'CLASS_LOOKS', 'SOUND_KINDS', 'MAX_CLASSES', 'BAND_LOW_HZ', 'BAND_HIGH_HZ', 'BAND_HALF_WIDTH',
            'SPLITS', 'PULSE_SCALE', 'PULSE_DEPTH', 'PULSE_HZ', 'IDLE_BRIGHTNESS', 'SHADE', 'FADE_SECONDS',
-           'PARAMS_FILE', 'COMPLETE_FILE', 'DEFAULT_NUM_TRAIN', 'DEFAULT_NUM_TEST', 'hz_to_mel', 'mel_to_hz',
-           'SourceClass', 'source_classes', 'SyntheticConfig', 'sampled_frame_indices', 'clip_rng', 'class_set_pool',
-           'Scene', 'sample_scene', 'shape_mask', 'texture_lit', 'sounding_at', 'RenderedVideo', 'render_video',
-           'synth_sound', 'render_audio', 'x264_options', 'write_mp4', 'ClipGroundTruth', 'load_ground_truth',
-           'video_id', 'generate_clip', 'SyntheticDataset', 'make_synthetic', 'default_synthetic', 'synthetic_cli']
+           'PARAMS_FILE', 'COMPLETE_FILE', 'MANIFEST_FILE', 'TOP_FILES', 'DEFAULT_NUM_TRAIN', 'DEFAULT_NUM_TEST',
+           'hz_to_mel', 'mel_to_hz', 'SourceClass', 'source_classes', 'SyntheticConfig', 'sampled_frame_indices',
+           'clip_rng', 'class_set_pool', 'Scene', 'sample_scene', 'shape_mask', 'texture_lit', 'sounding_at',
+           'RenderedVideo', 'render_video', 'synth_sound', 'render_audio', 'x264_options', 'write_mp4',
+           'ClipGroundTruth', 'load_ground_truth', 'video_id', 'generate_clip', 'own_files', 'SyntheticDataset',
+           'make_synthetic', 'default_synthetic', 'synthetic_cli']
 
 # %% ../nbs/07_synthetic.ipynb #fd5b8a92
 SYNTHETIC_VERSION = 1   # bump when the content changes, so cached sets are regenerated
@@ -530,13 +531,32 @@ def _run_tasks(tasks, root, config, seed, workers, progress) -> list[dict]:
     if bar is not None: bar.close()
     return sorted(records, key=lambda r: (SPLITS[r['split']], r['index']))
 
-PARAMS_FILE, COMPLETE_FILE = 'params.json', 'COMPLETE'
+PARAMS_FILE, COMPLETE_FILE, MANIFEST_FILE = 'params.json', 'COMPLETE', 'MANIFEST.json'
+TOP_FILES = ('train.json', 'test.json', 'labels.csv', PARAMS_FILE, MANIFEST_FILE, COMPLETE_FILE)   # besides videos/ and ground_truth/
 
 def _params(config: SyntheticConfig, seed, num_train, num_test, root) -> dict:
     return dict(version=SYNTHETIC_VERSION, seed=int(seed), num_train=int(num_train), num_test=int(num_test),
                 config=config.to_dict(), root=str(root))
 
 def _folder_bytes(folder) -> int: return sum(p.stat().st_size for p in Path(folder).rglob('*') if p.is_file())
+
+def _files_of(num_train: int, num_test: int) -> list[str]:
+    "The files (relative paths) a set of this size consists of."
+    vids = [video_id('train', i) for i in range(num_train)] + [video_id('test', i) for i in range(num_test)]
+    return [*TOP_FILES, *[f'videos/{v}.mp4' for v in vids], *[f'ground_truth/{v}.npz' for v in vids]]
+
+def own_files(root) -> list[str]:
+    """The files (relative to `root`) that the generator wrote into `root`: those its manifest lists, or, for a set without one (written
+    before manifests existed), those its params.json implies. Nothing else in the folder is ever removed or replaced."""
+    root, files = Path(root), set(TOP_FILES)
+    try: files.update(json.loads((root / MANIFEST_FILE).read_text())['files'])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            params = json.loads((root / PARAMS_FILE).read_text())
+            files.update(_files_of(int(params['num_train']), int(params['num_test'])))
+        except (OSError, ValueError, KeyError, TypeError): pass
+    safe = [f for f in files if not Path(f).is_absolute() and '..' not in Path(f).parts]       # a tampered manifest points nowhere else
+    return sorted(safe)
 
 # %% ../nbs/07_synthetic.ipynb #6398db57
 @dataclass
@@ -587,7 +607,7 @@ def make_synthetic(root,                      # folder to create (it appears com
                    sample_rate: int = 16_000,
                    num_frames: int = 16,      # T sampled frames the ground truth describes
                    workers: int = 2,          # processes rendering and encoding clips
-                   overwrite: bool = False,   # replace an existing `root`
+                   overwrite: bool = False,   # replace the set in an existing `root` (only the files it wrote; others stay)
                    progress: bool = False,    # show a progress bar
                    **options,                 # any other `SyntheticConfig` field
                   ) -> SyntheticDataset:
@@ -617,16 +637,32 @@ def make_synthetic(root,                      # folder to create (it appears com
                     for r in records if r['split'] == split]
             (partial / f'{split}.json').write_text(json.dumps({'data': data}, indent=1))
         (partial / PARAMS_FILE).write_text(json.dumps(_params(config, seed, num_train, num_test, root), indent=1))
+        files = _files_of(num_train, num_test)
+        (partial / MANIFEST_FILE).write_text(json.dumps({'files': files}))
         seconds = time.perf_counter() - start
         (partial / COMPLETE_FILE).write_text(json.dumps(dict(seconds=round(seconds, 2), bytes=_folder_bytes(partial))))
-        if root.exists():                                                        # swap: old aside, new in, old gone
-            old = root.parent / f'.{root.name}.old-{os.getpid()}-{time.time_ns()}'
-            root.rename(old); partial.rename(root)
-            shutil.rmtree(old, ignore_errors=True)
-        else: partial.rename(root)
+        if root.is_dir() and not any(root.iterdir()): root.rmdir()
+        if not root.exists(): partial.rename(root)                               # a new folder appears complete, at once
+        else: _replace_own_files(root, partial, files)
     finally:
         if partial.exists(): shutil.rmtree(partial, ignore_errors=True)
     return SyntheticDataset.from_root(root)
+
+def _replace_own_files(root: Path, partial: Path, files: list):
+    """Replace the set in `root` by the one in `partial`, touching only the generator's files: the old set's own files go, the new
+    ones move in, anything else in `root` stays. While it runs the set is incomplete (no COMPLETE marker) and the manifest lists
+    both sets' files, so an interruption leaves a set that is regenerated on the next call and files that are still known."""
+    old = own_files(root)
+    (root / COMPLETE_FILE).unlink(missing_ok=True)
+    (root / MANIFEST_FILE).write_text(json.dumps({'files': sorted(set(old) | set(files))}))
+    for name in set(old) - set(files) - {MANIFEST_FILE, COMPLETE_FILE}: (root / name).unlink(missing_ok=True)
+    for name in files:
+        if name in (MANIFEST_FILE, COMPLETE_FILE): continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial / name, root / name)
+    os.replace(partial / MANIFEST_FILE, root / MANIFEST_FILE)
+    os.replace(partial / COMPLETE_FILE, root / COMPLETE_FILE)                    # last: the set is complete again
+
 
 # %% ../nbs/07_synthetic.ipynb #7fa3a0b2
 DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST = 1000, 200
@@ -636,7 +672,16 @@ def _is_current(root: Path, wanted: dict) -> bool:
     try:
         if not (root / COMPLETE_FILE).exists() or json.loads((root / PARAMS_FILE).read_text()) != wanted: return False
     except (OSError, ValueError): return False
-    return sum(1 for _ in (root / 'videos').glob('*.mp4')) == wanted['num_train'] + wanted['num_test']
+    return all((root / name).exists() for name in _files_of(wanted['num_train'], wanted['num_test']) if name.startswith('videos/'))
+
+def _differences(root: Path, wanted: dict) -> list[str]:
+    "How the set in `root` was made differently from `wanted` ('num_train: 2 -> 3', ...); [] when the same or when `root` holds no set."
+    if not (root / PARAMS_FILE).exists(): return []
+    try: have = json.loads((root / PARAMS_FILE).read_text())
+    except (OSError, ValueError) as e: return [f'{PARAMS_FILE} unreadable ({e})']
+    flat = lambda d: {**{k: v for k, v in d.items() if k != 'config'}, **{f'config.{k}': v for k, v in (d.get('config') or {}).items()}}
+    have, want = flat(have), flat(wanted)
+    return [f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
 
 class _FolderLock:
     "An exclusive lock on a file beside the data set (flock; none where the platform has no fcntl)."
@@ -665,19 +710,28 @@ def default_synthetic(root=None,                             # default: data_dir
                       num_test: int = DEFAULT_NUM_TEST,
                       seed: int = 0,
                       workers: int = 2,                      # processes rendering and encoding clips
-                      force: bool = False,                   # regenerate even if a matching set exists
+                      force: bool = False,                   # replace a set made with other parameters in a folder you named
                       progress: bool = False,                # show a progress bar while generating
                       **options,                             # `SyntheticConfig` fields
                      ) -> Path:
-    "The synthetic set the reproduction notebooks use by default: generated once, then reused."
+    """The synthetic set the reproduction notebooks use by default: generated once, then reused. A folder you name that holds a set
+    made with other parameters is refused (the error names the folder and the parameters that differ) unless `force`; the cache
+    folders under `data_dir()` (`synthetic`, `synthetic_<size>_seed<seed>`) are the package's own and are regenerated. Replacing a set removes only the files the generator wrote (its
+    manifest): anything else in the folder stays."""
     from cavmae_sync.config import data_dir
     root = (Path(root) if root is not None else data_dir() / 'synthetic').resolve()
+    cache = root.parent == data_dir().resolve() and root.name.startswith('synthetic')   # the package's own cache folders
     config = SyntheticConfig(**options)
     wanted = _params(config, seed, num_train, num_test, root)
     if not force and _is_current(root, wanted): return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with _FolderLock(root.parent / f'.{root.name}.lock'):
         if not force and _is_current(root, wanted): return root                # made by another process meanwhile
+        differences = _differences(root, wanted)
+        if differences and not (force or cache):
+            raise FileExistsError(f"{root}: holds a synthetic set made with other parameters ({'; '.join(differences)}); "
+                                  "pass force=True (--force) to replace it (only the files the generator wrote are replaced), "
+                                  "or choose another folder")
         _remove_stale_partials(root)
         make_synthetic(root, num_train, num_test, seed, workers=workers, overwrite=True, progress=progress, **config.to_dict())
     return root
@@ -696,14 +750,15 @@ def synthetic_cli(argv=None):
     parser.add_argument('--image-size', type=int, default=SyntheticConfig.image_size, help='square frame side, pixels')
     parser.add_argument('--fps', type=int, default=SyntheticConfig.fps)
     parser.add_argument('--workers', type=int, default=2, help='processes that render and encode clips')
-    parser.add_argument('--force', action='store_true', help='regenerate even when a matching set exists')
+    parser.add_argument('--force', action='store_true', help='regenerate even when a matching set exists, or replace a set made with other '
+                        'parameters (only the files the generator wrote; other files in --root stay)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         root = default_synthetic(args.root, args.num_train, args.num_test, args.seed, workers=args.workers, force=args.force,
                                  progress=not args.quiet, num_classes=args.num_classes, image_size=args.image_size, fps=args.fps)
-    except ValueError as e: parser.error(str(e))
+    except (ValueError, FileExistsError) as e: parser.error(str(e))
     dataset = SyntheticDataset.from_root(root)
     print(json.dumps(dict(root=str(root), train_datafile=str(dataset.train_datafile), test_datafile=str(dataset.test_datafile),
                           label_csv=str(dataset.label_csv), num_train=dataset.num_train, num_test=dataset.num_test,

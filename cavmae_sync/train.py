@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #a9f523f0
 from __future__ import annotations
-import argparse, contextlib, dataclasses, difflib, hashlib, json, math, os, random, sys, time, typing, warnings
+import argparse, contextlib, dataclasses, difflib, hashlib, json, math, os, random, socket, sys, time, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,20 +20,22 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 from .config import PreprocessConfig, MediaError, data_dir, atomic_file
 from .audio import load_audio, clip_spectrogram, window_bounds
 from .video import read_frames, check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
-from .data import ClipDataset, DatafileDataset, ClipSource, collate_clips, FBANK_SHIFT_SECONDS, LABEL_CSV_NAME
+from .data import (ClipDataset, DatafileDataset, ClipSource, collate_clips, FBANK_SHIFT_SECONDS, LABEL_CSV_NAME,
+                              read_clip_frames, read_clip_audio)
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, cavmae_sync, cavmae, tiny
-from .checkpoint import save_checkpoint, load_checkpoint, unwrap_model
+from .checkpoint import save_checkpoint, load_checkpoint, unwrap_model, capture_rng_state, restore_rng_state
 
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'RESUME_FREE_SETTINGS', 'PRETRAINING_ONLY_FIELDS', 'model_preset', 'TrainConfig', 'PretrainConfig',
            'FinetuneConfig', 'apply_overrides', 'set_config_value', 'save_config', 'load_config', 'config_parser',
            'config_from_args', 'lr_factor', 'peak_lr', 'ResumableDistributedSampler', 'seeded_global_rngs',
-           'SeededSamples', 'rng_state', 'set_rng_state', 'NonFiniteLossError', 'check_finite', 'DistributedContext',
-           'setup_distributed', 'RunLog', 'TrainTask', 'FitResult', 'default_param_groups', 'resolve_precision',
-           'save_training_state', 'load_training_state', 'fit', 'decode_clips', 'DecodedClips', 'CentreCropTraining',
-           'dataset_targets', 'label_csv_for', 'clip_dataset', 'retrieval_evaluation', 'PretrainResult', 'pretrain',
-           'spec_augment', 'mixup', 'classification_loss', 'FinetuneResult', 'finetune', 'clip_features',
-           'pretrain_cli', 'finetune_cli', 'tiny_pretrain_config', 'measure_pretraining', 'pretrained_tiny']
+           'SeededSamples', 'NonFiniteLossError', 'check_finite', 'DistributedContext', 'setup_distributed', 'RunLog',
+           'TrainTask', 'FitResult', 'default_param_groups', 'resolve_precision', 'output_dir_lock',
+           'save_training_state', 'load_training_state', 'fit', 'media_identity', 'CacheBudgetExceeded', 'DecodedMedia',
+           'decode_clips', 'DecodedClips', 'CentreCropTraining', 'dataset_targets', 'label_csv_for', 'clip_dataset',
+           'retrieval_evaluation', 'PretrainResult', 'pretrain', 'spec_augment', 'mixup', 'classification_loss',
+           'FinetuneResult', 'finetune', 'clip_features', 'pretrain_cli', 'finetune_cli', 'tiny_pretrain_config',
+           'measure_pretraining', 'pretrained_tiny']
 
 # %% ../nbs/08_train.ipynb #da2cfd5a
 MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
@@ -60,7 +62,7 @@ class TrainConfig:
     epochs: int = 25                    # passes over the training set
     max_steps: int = 0                  # optimizer steps of the whole run (0 = epochs x steps per epoch); the schedule spans them
     batch_size: int = 512               # samples per optimizer step, over all processes and accumulation steps
-    accumulation_steps: int = 1         # micro-batches per optimizer step (memory / speed trade-off; same result)
+    accumulation_steps: int = 1         # micro-batches per optimizer step: the same MAE gradient, but InfoNCE negatives come from each micro-batch (and process), so contrast changes
     lr: float = 2e-4                    # peak learning rate at `lr_reference_batch` samples per step
     lr_reference_batch: int = 512       # the lr used is lr x batch_size / lr_reference_batch (set it to batch_size for no scaling)
     schedule: str = 'cosine'            # 'cosine': linear warmup, then cosine decay per step; 'step': warmup, then CAV-MAE's step decay
@@ -79,7 +81,7 @@ class TrainConfig:
     device: str = 'auto'                # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = the local GPU under torchrun, else cuda if present, else cpu
     num_workers: int | None = None      # DataLoader worker processes (None = 0 with the in-memory cache, else min(8, CPU cores))
     cache: str = 'auto'                 # 'memory': decode every clip once and keep it in memory; 'none': decode every step; 'auto': memory if the set is small
-    cache_max_gb: float = 4.0           # 'auto' caches a set when its decoded clips take at most this many GB
+    cache_max_gb: float = 4.0           # 'auto' keeps a set in memory unless its decoded clips pass this many GB (counted while decoding)
     seed: int = 0                       # seeds initialization, sample order, frame choice and masking
     checkpoint_every: int = 500         # steps between checkpoints (0 = only at epoch ends); `last.pt` is always the newest
     log_every: int = 10                 # steps between rows of train_log.csv and TensorBoard points
@@ -131,8 +133,7 @@ class TrainConfig:
 
     def preprocess(self) -> PreprocessConfig:
         "The data pipeline the model expects: `num_frames` frames per clip, each with an `audio_length`-frame window."
-        m = self.model
-        return PreprocessConfig(num_frames=m.num_frames, window=m.audio_length, image_size=m.image_size)
+        return self.model.preprocess_config()
 
 # %% ../nbs/08_train.ipynb #2e742011
 @dataclass
@@ -406,25 +407,6 @@ class SeededSamples(Dataset):
         if hasattr(self.dataset, 'seeded_item'): return self.dataset.seeded_item(index, seed)
         with seeded_global_rngs(seed): return self.dataset[index]
 
-# %% ../nbs/08_train.ipynb #724ddd49
-def rng_state() -> dict:
-    "This process's `random`, numpy, torch CPU (and CUDA) RNG states, as tensors and plain values."
-    np_state = np.random.get_state()
-    state = {'python': random.getstate(),
-             'numpy': {'key': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-             'torch': torch.random.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-def set_rng_state(state: dict):
-    "Restore what `rng_state` returned."
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
-    torch.random.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
-
 # %% ../nbs/08_train.ipynb #4a6b9134
 class NonFiniteLossError(FloatingPointError):
     "Training met a NaN or infinite loss; nothing of that step was applied to the weights."
@@ -614,6 +596,32 @@ def _resume_path(config: TrainConfig) -> Path | None:
     return path
 
 # %% ../nbs/08_train.ipynb #bf08841a
+@contextlib.contextmanager
+def output_dir_lock(out: Path, active: bool = True):
+    "Hold `out/.lock` (host and pid) for the run: a second run into the same folder fails at once instead of interleaving its files."
+    if not active: yield; return
+    out.mkdir(parents=True, exist_ok=True)
+    lock, me = out / '.lock', f"{socket.gethostname()} {os.getpid()}"
+    for attempt in range(2):
+        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
+            alive = host != socket.gethostname() or not pid.isdigit()
+            if not alive:
+                try: os.kill(int(pid), 0); alive = True
+                except ProcessLookupError: alive = False
+                except PermissionError: alive = True
+            if alive or attempt:
+                raise FileExistsError(f"{out}: another run is writing to this output_dir (process {pid or '?'} on {host or '?'}, {lock}); "
+                                      f"wait for it, or choose another output_dir (remove {lock} if that run is gone)") from None
+            lock.unlink(missing_ok=True)                            # left by a run of this host that was killed: take it over
+            continue
+        with os.fdopen(fd, 'w') as f: f.write(me)
+        break
+    try: yield
+    finally:
+        if lock.is_file() and lock.read_text().strip() == me: lock.unlink()
+
 def save_training_state(path, model: nn.Module, config: TrainConfig, optimizer, scaler, step: int, rng_states: list, extra: dict | None = None) -> Path:
     "Write weights, model config and everything `--resume` needs to `path`, atomically (`checkpoint.save_checkpoint`)."
     return Path(save_checkpoint(path, unwrap_model(model), config.model, train_config=config.to_dict(), optimizer=optimizer.state_dict(),
@@ -634,6 +642,11 @@ def fit(config: TrainConfig, task: TrainTask, ctx: DistributedContext | None = N
     started = time.time()
     ctx = ctx or setup_distributed(config.device)
     out = Path(config.output_dir)
+    with output_dir_lock(out, ctx.is_main):
+        return _fit_locked(config, task, ctx, out, started, desc)
+
+def _fit_locked(config: TrainConfig, task: TrainTask, ctx: DistributedContext, out: Path, started: float, desc: str) -> FitResult:
+    "`fit` while holding the output folder's lock."
     precision = resolve_precision(config.precision, ctx.device)
     if precision in ('bf16', 'fp16') and ctx.device.type == 'cpu' and precision == 'fp16':
         raise ValueError("precision='fp16' needs a GPU; use 'bf16' or 'fp32' on a CPU")
@@ -667,7 +680,7 @@ def fit(config: TrainConfig, task: TrainTask, ctx: DistributedContext | None = N
         step = int(state['step'])
         if task.load_state: task.load_state(state.get('task_state', {}))
         rng_states = state['rng_states']
-        if len(rng_states) == ctx.world_size: set_rng_state(rng_states[ctx.rank])
+        if len(rng_states) == ctx.world_size: restore_rng_state(rng_states[ctx.rank])
         elif ctx.is_main: warnings.warn(f"{resume_from}: saved by {len(rng_states)} processes, resumed by {ctx.world_size}: "
                                          "the data order is the same but masking randomness differs from an uninterrupted run")
         del state
@@ -695,22 +708,27 @@ def fit(config: TrainConfig, task: TrainTask, ctx: DistributedContext | None = N
     last_path, completed, evaluated_at = out / 'last.pt', False, -1
 
     def checkpoint():
-        states = [rng_state()]
+        states = [capture_rng_state()]
         if ctx.distributed:
             states = [None] * ctx.world_size
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, capture_rng_state())
         if ctx.is_main: save_training_state(last_path, model, config, optimizer, scaler, step, states, task.state() if task.state else None)
+        # test-only hook (tests/test_train.py, test_distributed.py): CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT=<step> ends every process
+        # right after that step's checkpoint, as a crash would (os._exit: no cleanup), so a resume test kills at a known step
+        if os.environ.get('CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT') == str(step):
+            if ctx.distributed: dist.barrier()          # the checkpoint is on disk before any process dies
+            os._exit(137)
 
     def evaluate():
         nonlocal evaluated_at
         if task.evaluate is None or evaluated_at == step: return
         evaluated_at = step
         if ctx.is_main:
-            saved = rng_state()
+            saved = capture_rng_state()
             model.eval()
             with torch.no_grad(), autocast(): metrics = task.evaluate(unwrap_model(model))
             model.train()
-            set_rng_state(saved)
+            restore_rng_state(saved)
             log.eval({'step': step, 'epoch': round(step / steps_per_epoch, 4), **metrics})
         if ctx.distributed: dist.barrier()
 
@@ -771,6 +789,12 @@ def fit(config: TrainConfig, task: TrainTask, ctx: DistributedContext | None = N
         completed = step >= total_steps
         if completed: evaluate()                             # a no-op when the last step was just evaluated
     finally:
+        skipped = getattr(task.train_set, 'skipped', None) or []
+        if skipped and ctx.is_main:                   # skip_errors: say how many and which, and keep the list beside the log
+            with atomic_file(out / 'skipped_files.tsv') as partial:
+                partial.write_text(''.join(f'{p}\t{r}\n' for p, r in skipped))
+            log.message(f"skipped {len(skipped)} unreadable training clips (listed in {out / 'skipped_files.tsv'}): "
+                        + '; '.join(f'{p}: {r}' for p, r in skipped[:3]) + (' ...' if len(skipped) > 3 else ''))
         log.close()
     return FitResult(out, last_path, log.history(), log.evaluations(), step, total_steps, steps_per_epoch, time.time() - started, completed)
 
@@ -778,10 +802,11 @@ def fit(config: TrainConfig, task: TrainTask, ctx: DistributedContext | None = N
 def _decode_raw(source: ClipSource, config: PreprocessConfig) -> dict:
     "A clip's T raw frames (T, H, W, 3) uint8 and its whole normalized spectrogram (S, mel), as `data.load_clip` reads them."
     path = check_media_file(source.video)
-    video = read_frames(path, config.num_frames, None, max_duration=config.target_length * FBANK_SHIFT_SECONDS, threads=1)
+    video = read_clip_frames(path, config, threads=1)                                      # (T, H, W, 3) uint8, the model's preset
     audio_path = Path(source.audio) if source.audio is not None else path
     try:
-        spectrogram = clip_spectrogram(load_audio(audio_path, config.sample_rate), config.sample_rate, config.target_length,
+        waveform = read_clip_audio(path, config, source.audio)                             # as `data.load_clip` reads it
+        spectrogram = clip_spectrogram(waveform, config.sample_rate, config.target_length,
                                        config.audio_mean, config.audio_std, config.num_mel_bins)      # (S, mel)
     except ValueError as e:
         if isinstance(e, MediaError): raise
@@ -795,25 +820,58 @@ class _RawClips(Dataset):
         try: return i, _decode_raw(self.sources[i], self.config), None
         except MediaError as e: return i, None, (e.path, e.reason)
 
-_DECODED: dict = {}          # (sources, config) -> decoded clips; the last two sets decoded in this process
+def media_identity(path) -> tuple:
+    "A file's path, size and modification time: a file replaced under the same name has another identity."
+    if path is None: return (None,)
+    try: stat = os.stat(path)
+    except OSError: return (str(path), None, None)                  # missing: decoding it reports the error
+    return (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
-def decode_clips(sources: list, config: PreprocessConfig, num_workers: int = 0, skip_errors: bool = False, progress: bool = True) -> dict:
-    "Decode every source once: {'sources', 'frames' (uint8), 'spectrograms', 'skipped'}; remembered for the last two sets."
-    key = (tuple((s.video_id, str(s.video), str(s.audio)) for s in sources), tuple(sorted(config.to_dict().items())), skip_errors)
-    if key in _DECODED: return _DECODED[key]
-    raw, skipped = [None] * len(sources), []
+class CacheBudgetExceeded(MemoryError):
+    "Decoding a set for the in-memory cache went past its byte budget (`cache_max_gb`)."
+
+@dataclass
+class DecodedMedia:
+    "The decoded media of a list of sources: only pixels and sound, so labels always come from the data set that asks."
+    kept: list                 # indices of the sources that decoded
+    frames: list               # per kept source: (T, H, W, 3) uint8
+    spectrograms: list         # per kept source: (S, mel) float32, normalized
+    skipped: list              # (path, reason) of the sources that did not decode (skip_errors)
+
+    @property
+    def nbytes(self) -> int: return sum(f.numel() * f.element_size() + s.numel() * s.element_size() for f, s in zip(self.frames, self.spectrograms))
+
+_DECODED: dict = {}          # (media identities, config, skip_errors) -> DecodedMedia; the last two sets decoded in this process
+
+def decode_clips(sources: list,                    # ClipSource of video files
+                 config: PreprocessConfig,
+                 num_workers: int = 0,             # decoding processes
+                 skip_errors: bool = False,        # leave unreadable clips out (listed in `skipped`) instead of raising
+                 progress: bool = True,
+                 max_bytes: float | None = None,   # stop with `CacheBudgetExceeded` once the decoded clips take more than this
+                ) -> DecodedMedia:
+    "Decode every source once; remembered (by file identity, so replaced files are decoded again) for the last two sets."
+    key = (tuple((media_identity(s.video), media_identity(s.audio)) for s in sources), tuple(sorted(config.to_dict().items())), skip_errors)
+    if key in _DECODED:
+        if max_bytes is not None and _DECODED[key].nbytes > max_bytes:
+            raise CacheBudgetExceeded(f"decoded clips take {_DECODED[key].nbytes / 2**30:.2f} GB, more than {max_bytes / 2**30:.2f} GB")
+        return _DECODED[key]
+    raw, skipped, nbytes = [None] * len(sources), [], 0
     loader = DataLoader(_RawClips(sources, config), batch_size=None, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
         loader = tqdm(loader, total=len(sources), desc=f'decoding {len(sources)} clips', leave=False)
     for i, clip, error in loader:
-        if error is None: raw[i] = clip
-        elif skip_errors: skipped.append(error)
-        else: raise MediaError(*error)
-    keep = [i for i, clip in enumerate(raw) if clip is not None]
-    if not keep: raise ValueError(f"no clip of the {len(sources)} could be read")
-    decoded = {'sources': [sources[i] for i in keep], 'frames': [raw[i]['frames'] for i in keep],
-               'spectrograms': [raw[i]['spectrogram'] for i in keep], 'skipped': skipped}
+        if error is not None:
+            if not skip_errors: raise MediaError(*error)
+            skipped.append(error); continue
+        raw[i] = clip
+        nbytes += clip['frames'].numel() * clip['frames'].element_size() + clip['spectrogram'].numel() * clip['spectrogram'].element_size()
+        if max_bytes is not None and nbytes > max_bytes:    # the running total, not an estimate from one clip
+            raise CacheBudgetExceeded(f"decoded clips passed {max_bytes / 2**30:.2f} GB after {sum(r is not None for r in raw)} of {len(sources)} clips")
+    kept = [i for i, clip in enumerate(raw) if clip is not None]
+    if not kept: raise ValueError(f"no clip of the {len(sources)} could be read: " + '; '.join(f'{p}: {r}' for p, r in skipped[:3]))
+    decoded = DecodedMedia(kept, [raw[i]['frames'] for i in kept], [raw[i]['spectrogram'] for i in kept], skipped)
     while len(_DECODED) >= 2: _DECODED.pop(next(iter(_DECODED)))
     _DECODED[key] = decoded
     return decoded
@@ -825,12 +883,14 @@ class DecodedClips(Dataset):
                  dataset: ClipDataset,           # a DatafileDataset / VideoDataset of video files
                  num_workers: int = 0,           # processes decoding in parallel while building
                  progress: bool = True,
-                 augment: bool = True):          # training items: random resized crop + flip (else resize + centre crop)
+                 augment: bool = True,           # training items: random resized crop + flip (else resize + centre crop)
+                 max_bytes: float | None = None):  # refuse (`CacheBudgetExceeded`) a set whose decoded clips take more
         if any(s.video is None or Path(s.video).suffix.lower() not in VIDEO_EXTENSIONS for s in dataset.sources):
             raise ValueError("DecodedClips caches video files; the pre-extracted frame layout is read directly (it is cheap to decode)")
         self.mode, self.config, self.classes, self.skip_errors = dataset.mode, dataset.config, dataset.classes, dataset.skip_errors
-        decoded = decode_clips(dataset.sources, self.config, num_workers, self.skip_errors, progress)
-        self.sources, self.frames, self.spectrograms, self.skipped = (decoded[k] for k in ('sources', 'frames', 'spectrograms', 'skipped'))
+        decoded = decode_clips(dataset.sources, self.config, num_workers, self.skip_errors, progress, max_bytes)
+        self.sources = [dataset.sources[i] for i in decoded.kept]      # this data set's rows: its labels, not a cached set's
+        self.frames, self.spectrograms, self.skipped = decoded.frames, decoded.spectrograms, decoded.skipped
         self.bounds = window_bounds(self.config.target_length, self.config.num_frames, self.config.window)   # (T, 2)
         self.augment = augment and self.mode == 'train'
         self.transform = train_transform(self.config.image_size) if self.augment else eval_transform(self.config.image_size)
@@ -889,15 +949,14 @@ def clip_dataset(config: TrainConfig, datafile, mode: str, ctx: DistributedConte
     augment = mode == 'train' and config.augment_frames
     if mode == 'train' and not augment: dataset = CentreCropTraining(dataset.sources, mode, dataset.config, config.skip_errors, dataset.classes)
     videos = all(s.video is not None and Path(s.video).suffix.lower() in VIDEO_EXTENSIONS for s in dataset.sources)
-    use_cache = config.cache == 'memory'
-    if config.cache == 'auto' and videos:
-        sample = _decode_raw(dataset.sources[0], dataset.config)
-        per_clip = sample['frames'].numel() + sample['spectrogram'].numel() * 4
-        use_cache = per_clip * len(dataset) <= config.cache_max_gb * 2**30
-    if not use_cache: return dataset
+    if config.cache == 'none' or (config.cache == 'auto' and not videos): return dataset
     workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
     if ctx is not None and ctx.distributed: workers = max(1, workers // ctx.world_size)
-    return DecodedClips(dataset, num_workers=workers, progress=config.progress and (ctx is None or ctx.is_main), augment=augment)
+    budget = config.cache_max_gb * 2**30 if config.cache == 'auto' else None   # 'memory' was asked for explicitly
+    try: return DecodedClips(dataset, num_workers=workers, progress=config.progress and (ctx is None or ctx.is_main), augment=augment, max_bytes=budget)
+    except CacheBudgetExceeded as e:
+        if ctx is None or ctx.is_main: print(f"{datafile}: not kept in memory ({e}, cache_max_gb={config.cache_max_gb}); clips are decoded at every step")
+        return dataset
 
 # %% ../nbs/08_train.ipynb #54473ef9
 def retrieval_evaluation(model: nn.Module,          # a CAVMAESync (or anything with `encode`)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/02_video.ipynb #0cab46a5
 from __future__ import annotations
-from dataclasses import dataclass
+import io, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -12,14 +13,21 @@ import av
 import decord
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
+from av.video.reformatter import VideoReformatter
 import torchvision.transforms.v2 as transforms
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .config import MediaError, NUM_FRAMES, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['VIDEO_EXTENSIONS', 'write_video', 'sample_times', 'frames_on_screen', 'check_media_file', 'VideoFrames',
-           'read_frames', 'FrameTransform', 'eval_transform', 'train_transform', 'unnormalize']
+__all__ = ['VIDEO_EXTENSIONS', 'MISSING_FRAMES_ACCEPTED', 'MISSING_FRAMES_FRACTION', 'MAX_FRAME_PIXELS', 'FRAME_PRESETS',
+           'EXTRACTION_QUALITY', 'CAVMAE_EXTRACTED_FRAMES', 'CAVMAE_EVAL_FRAME', 'write_video', 'sample_times',
+           'frames_on_screen', 'check_media_file', 'VideoFrames', 'check_frames_present', 'check_frame_size',
+           'read_frames', 'ReleasedPipelineWarning', 'check_frame_preset', 'declared_frame_count',
+           'preset_frame_indices', 'released_crop', 'jpeg_round_trip', 'read_preset_frames', 'FrameTransform',
+           'eval_transform', 'train_transform', 'unnormalize']
 
 # %% ../nbs/02_video.ipynb #77fcfe44
 _CHANNEL_LAYOUTS = {1: 'mono', 2: 'stereo', 3: '2.1', 4: 'quad', 5: '5.0', 6: '5.1', 8: '7.1'}
@@ -32,6 +40,7 @@ def write_video(path,                          # output file; the suffix picks t
                 video_codec: str = 'libx264',
                 audio_codec: str = 'aac',
                 crf: int = 18,                 # x264 quality (lower is better)
+                audio_start: float = 0.0,      # s after the first frame at which the audio stream starts (a stream offset, as in real uploads)
                ) -> Path:
     "Write frames and/or audio with PyAV; mp4/mov/m4a files get `faststart` (index before the data)."
     path = Path(path)
@@ -64,7 +73,7 @@ def write_video(path,                          # output file; the suffix picks t
             chunk = 1024
             for start in range(0, audio.shape[1], chunk):
                 frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start:start + chunk]), format='fltp', layout=layout)
-                frame.sample_rate, frame.pts = sample_rate, start
+                frame.sample_rate, frame.pts = sample_rate, round(audio_start * sample_rate) + start   # time base 1 / sample_rate
                 container.mux(audio_stream.encode(frame))
             container.mux(audio_stream.encode())
     return path
@@ -111,7 +120,8 @@ class VideoFrames:
     video_duration: float         # seconds of video (end of its last frame)
     num_video_frames: int         # frames in the video
     fps: float                    # average frame rate
-    backend: str                  # 'decord' or 'pyav'
+    backend: str                  # 'decord' or 'pyav' (presets: 'pyav-released', 'pyav-cavmae')
+    jpegs: list | None = None     # presets that store frames as JPEG: each frame's file content (what `--extract` writes)
 
 def _decord_error(error) -> str:
     "First line of a decord exception, without its C++ source location."
@@ -131,8 +141,21 @@ def _open_pyav(path):
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
         raise MediaError(path, f'unreadable or corrupt container ({e})') from e
 
-def _pyav_frame_times(path, threads):
-    "Presentation times (N,) of the frames PyAV outputs, and the average frame rate."
+MISSING_FRAMES_ACCEPTED = 2       # declared frames a playable upload may lack: containers often declare one or two more
+MISSING_FRAMES_FRACTION = 0.01    # ... or 1% of a long video's declared count
+
+def check_frames_present(path,            # the video, for the message
+                         present: int,    # frames (packets) the stream holds
+                         declared: int,   # frames its header declares (0: none declared, nothing to compare)
+                        ) -> int:         # declared frames that are missing (0 for a complete file)
+    "The one readability rule of `read_frames`, `probe_video` and `prepare`: a few missing frames are accepted, more is truncation."
+    missing = max(0, declared - present) if declared else 0
+    if missing > max(MISSING_FRAMES_ACCEPTED, MISSING_FRAMES_FRACTION * declared):
+        raise MediaError(path, f'truncated video stream: {present} of the {declared} declared frames are present')
+    return missing
+
+def _pyav_frame_times(path, threads, counts: dict | None = None):
+    "Presentation times (N,) of the frames PyAV outputs, and the average frame rate; `counts` receives 'missing' (declared, absent)."
     with _open_pyav(path) as container:
         if not container.streams.video: raise MediaError(path, 'no video stream')
         stream = container.streams.video[0]
@@ -148,8 +171,8 @@ def _pyav_frame_times(path, threads):
         except (av.error.FFmpegError, ValueError) as e:
             raise MediaError(path, f'truncated or corrupt video stream, reading failed after {packets} packets ({e})') from e
     if packets == 0: raise MediaError(path, 'video stream has no frames')
-    if declared and packets < declared:
-        raise MediaError(path, f'truncated video stream: {packets} of the {declared} declared frames are present')
+    missing = check_frames_present(path, packets, declared)
+    if counts is not None: counts['missing'] = missing
     if any(p is None for p in pts) or time_base is None:              # no timestamps: assume a constant rate
         if not fps: raise MediaError(path, 'video stream has neither timestamps nor a frame rate')
         return np.arange(len(pts)) / fps, fps
@@ -157,42 +180,69 @@ def _pyav_frame_times(path, threads):
     if fps is None: fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 1.0
     return times, fps
 
-def _pyav_decode(path, indices, threads) -> np.ndarray:
-    "RGB frames (len(indices), H, W, 3) at the given output-frame indices, decoding sequentially."
+def _pyav_decode_indices(path, indices, threads, colorspace: str | None = None) -> tuple[dict, int]:
+    "({index: (H, W, 3) uint8 RGB} for the `indices` that exist, plus the last frame when the stream ended first; frames decoded)."
     wanted = sorted(set(int(i) for i in indices))
-    images, decoded = {}, 0
+    images, decoded, last = {}, 0, None
+    to_rgb = VideoReformatter()             # one reusable converter: a new one per frame costs more than decoding it
     with _open_pyav(path) as container:
         stream = container.streams.video[0]
         if threads != 1: stream.thread_type = 'AUTO'
         stream.codec_context.thread_count = threads
         try:
             for frame in container.decode(stream):
-                if decoded == wanted[len(images)]:
-                    images[decoded] = frame.to_ndarray(format='rgb24')
-                decoded += 1
+                if decoded == wanted[len(images)]:   # colorspace: force the YUV matrix (e.g. 'ITU601'), else the stream's tag
+                    images[decoded] = to_rgb.reformat(frame, format='rgb24', src_colorspace=colorspace).to_ndarray()
+                decoded, last = decoded + 1, frame
                 if len(images) == len(wanted): break
         except (av.error.FFmpegError, ValueError) as e:
             raise MediaError(path, f'truncated or corrupt video stream, decoding failed after {decoded} frames ({e})') from e
-    if len(images) < len(wanted):
-        raise MediaError(path, f'truncated or corrupt video stream: decoded {decoded} frames, frame {wanted[len(images)]} is missing')
+        if len(images) < len(wanted) and last is not None and decoded - 1 not in images:
+            images[decoded - 1] = to_rgb.reformat(last, format='rgb24', src_colorspace=colorspace).to_ndarray()
+    return images, decoded
+
+def _pyav_decode(path, indices, threads, colorspace: str | None = None) -> np.ndarray:
+    "RGB frames (len(indices), H, W, 3) at the given output-frame indices; a missing one is a `MediaError`."
+    images, decoded = _pyav_decode_indices(path, indices, threads, colorspace)
+    missing = sorted(set(int(i) for i in indices) - set(images))                  # (the extra last frame is not asked for)
+    if missing: raise MediaError(path, f'truncated or corrupt video stream: decoded {decoded} frames, frame {missing[0]} is missing')
     return np.stack([images[int(i)] for i in indices])
 
 # %% ../nbs/02_video.ipynb #a4f5fe9b
+MAX_FRAME_PIXELS = 7680 * 4320   # 8K UHD; a 16-frame 8K clip decodes to 1.6 GB of RGB before it is resized to 224 px
+
+def check_frame_size(path, max_pixels: int = MAX_FRAME_PIXELS) -> int:
+    "Read the video stream's header (no decoding), refuse frames above `max_pixels` with a `MediaError`; the declared frame count (0: none)."
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video: return 0                     # read_frames names this error itself
+            stream = container.streams.video[0]
+            width, height, declared = stream.codec_context.width, stream.codec_context.height, int(stream.frames or 0)
+    except (av.error.FFmpegError, OSError, ValueError): return 0        # unreadable: the decoders say why
+    if width * height > max_pixels:
+        raise MediaError(path, f'frames of {width}x{height} ({width * height / 1e6:.0f} MP) exceed the {max_pixels / 1e6:.0f} MP limit: '
+                               f'decoding {NUM_FRAMES} of them would take {width * height * 3 * NUM_FRAMES / 2**30:.1f} GiB; '
+                               'downscale the file, or raise cavmae_sync.video.MAX_FRAME_PIXELS if it is genuine')
+    return declared
+
 def read_frames(path,                            # a video file decord or PyAV can read
                 num_frames: int = NUM_FRAMES,    # T: frames sampled uniformly over the clip
                 positions: Sequence[int] | None = None,  # which of the T frames to decode (default: all)
                 max_duration: float | None = None,  # cap on the sampled span in seconds (None: the whole video)
                 threads: int = 1,                # decoder threads; 1 suits DataLoader workers, 0 lets the decoder choose
+                max_pixels: int | None = None,   # refuse larger frames before decoding (None: `MAX_FRAME_PIXELS`)
                ) -> VideoFrames:
     "Decode frames t = 0 .. T-1 (or `positions` of them), frame t being the one on screen at t * duration / T."
     path = check_media_file(path)
     positions = _frame_positions(positions, num_frames)
+    declared = check_frame_size(path, MAX_FRAME_PIXELS if max_pixels is None else max_pixels)
     try: reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
     except Exception: reader = None                    # PyAV says why (no video stream, corrupt header, ...)
     frame_times = None
     try: stamps = reader.get_frame_timestamp(np.arange(len(reader))) if reader is not None and len(reader) else None
     except Exception: stamps = None                    # (N, 2) start/end seconds from decord's index, no decoding
     if stamps is not None and stamps[0, 0] >= 0 and np.all(np.diff(stamps[:, 0]) > 0):  # else: pre-roll hidden by an edit list
+        check_frames_present(path, len(stamps), declared)                  # the rule `prepare` applies too
         frame_times, video_duration = stamps[:, 0].astype(np.float64), float(stamps[-1, 1])
         fps, backend = float(reader.get_avg_fps()), 'decord'
     if frame_times is None:
@@ -213,6 +263,101 @@ def read_frames(path,                            # a video file decord or PyAV c
     return VideoFrames(frames=frames, times=torch.from_numpy(frame_times[indices]), indices=torch.from_numpy(indices),
                        positions=torch.tensor(positions), sample_times=torch.from_numpy(times), duration=duration,
                        video_duration=video_duration, num_video_frames=len(frame_times), fps=fps, backend=backend)
+
+# %% ../nbs/02_video.ipynb #b6775f15
+FRAME_PRESETS = {   # keys: config.FRAME_PRESET_NAMES
+    'on_screen': 'the frame on screen at t * D / T, decoder colour, bicubic resize at load (models trained here)',
+    'released': 'the CAV-MAE Sync release: linspace(0, N - 1, T) over the declared count, BT.601, PIL bilinear, JPEG q75',
+    'cavmae': 'the CAV-MAE release: 10 frames over the first 10 s, BT.601, PIL bilinear, JPEG q75; evaluation on frame 5',
+}
+EXTRACTION_QUALITY = 75            # PIL's default JPEG quality, what torchvision.utils.save_image wrote
+CAVMAE_EXTRACTED_FRAMES = 10       # the CAV-MAE extraction writes frame_0 ... frame_9
+CAVMAE_EVAL_FRAME = 5              # ... and its loader evaluates on the middle one
+
+class ReleasedPipelineWarning(UserWarning):
+    "A clip on which the released extraction read other frames than it meant to; we read the intended ones."
+
+def check_frame_preset(preset: str) -> str:
+    if preset not in FRAME_PRESETS: raise ValueError(f"frame preset {preset!r}: choose one of {list(FRAME_PRESETS)}")
+    return preset
+
+def declared_frame_count(path,
+                         max_pixels: int | None = None,   # also refuse frames above this size (`check_frame_size`), in the same open
+                        ) -> tuple[int, float]:
+    "(N, fps) as OpenCV reports them: the container's declared frame count, else duration x rate."
+    with _open_pyav(path) as container:
+        if not container.streams.video: raise MediaError(path, 'no video stream')
+        stream = container.streams.video[0]
+        if max_pixels is not None and stream.codec_context.width * stream.codec_context.height > max_pixels:
+            check_frame_size(path, max_pixels)                                    # raises, naming the size
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        count = int(stream.frames or 0)
+        if count <= 0 and stream.duration and stream.time_base and fps:
+            count = int(round(float(stream.duration * stream.time_base) * fps))
+        if count <= 0 and container.duration and fps: count = int(round(container.duration / av.time_base * fps))
+    if count <= 0: raise MediaError(path, 'the container declares no frame count and no duration')
+    return count, fps
+
+def preset_frame_indices(preset: str,       # 'released' or 'cavmae'
+                         declared: int,     # N, the declared frame count
+                         fps: float,        # the declared frame rate (CAV-MAE caps its span at 10 s of frames)
+                         num_frames: int,   # T of the model (1 for CAV-MAE: its evaluation frame)
+                        ) -> np.ndarray:    # (T,) int64 frame indices
+    "The frame indices the released extraction reads (for 'cavmae' with T = 1: its evaluation frame only)."
+    if check_frame_preset(preset) == 'released': return np.linspace(0, declared - 1, num_frames).astype(np.int64)
+    if preset == 'cavmae':
+        span = min(declared, int(fps * 10))
+        extracted = np.array([max(0, int(i * (span / CAVMAE_EXTRACTED_FRAMES)) - 1) for i in range(CAVMAE_EXTRACTED_FRAMES)])
+        if num_frames == 1: return extracted[[CAVMAE_EVAL_FRAME]]
+        if num_frames == CAVMAE_EXTRACTED_FRAMES: return extracted
+        raise ValueError(f"the 'cavmae' preset extracts {CAVMAE_EXTRACTED_FRAMES} frames (evaluation on one); num_frames={num_frames}")
+    raise ValueError(f"{preset!r} has no fixed frame indices: it samples by presentation time (read_frames)")
+
+def released_crop(rgb: np.ndarray,          # (H, W, 3) uint8 frame
+                  image_size: int = IMAGE_SIZE,
+                 ) -> Image.Image:
+    "The released extractor's geometry: torchvision `Resize(image_size)` (PIL bilinear) of the short side, then `CenterCrop`."
+    image = TF.resize(Image.fromarray(rgb), image_size, interpolation=InterpolationMode.BILINEAR)
+    return TF.center_crop(image, image_size)
+
+def jpeg_round_trip(image: Image.Image, quality: int = EXTRACTION_QUALITY) -> tuple[bytes, np.ndarray]:
+    "The image stored as a JPEG (PIL, `quality`) and read back with PIL: (file bytes, (H, W, 3) uint8)."
+    buffer = io.BytesIO()
+    image.save(buffer, format='JPEG', quality=quality)
+    with Image.open(io.BytesIO(buffer.getvalue())) as back: return buffer.getvalue(), np.array(back.convert('RGB'))
+
+def read_preset_frames(path,                           # a video file
+                       preset: str = 'released',       # 'released' or 'cavmae'
+                       num_frames: int = NUM_FRAMES,   # T
+                       positions: Sequence[int] | None = None,  # which of the T frames (default: all)
+                       image_size: int = IMAGE_SIZE,
+                       quality: int = EXTRACTION_QUALITY,
+                       threads: int = 1,
+                      ) -> VideoFrames:
+    "The frames the released extraction writes for this clip, after its JPEG round trip: (K, S, S, 3) uint8, plus the JPEG bytes."
+    path = check_media_file(path)
+    positions = _frame_positions(positions, num_frames)
+    declared, fps = declared_frame_count(path, MAX_FRAME_PIXELS)
+    _pyav_frame_times(path, threads)                                                 # truncation is an error here too (demux only)
+    wanted = preset_frame_indices(preset, declared, fps, num_frames)                # (T,)
+    images, decodable = _pyav_decode_indices(path, wanted[positions], threads, colorspace='ITU601')   # BT.601, as OpenCV converts
+    if not images: raise MediaError(path, 'no video frame could be decoded')
+    read = np.minimum(wanted, decodable - 1)                                         # (T,) past the end: the last decodable frame
+    if (read != wanted).any():
+        bad = np.flatnonzero(read != wanted)
+        warnings.warn(f"{path}: the released extraction misread this clip: the container declares {declared} frames, {decodable} decode, "
+                      f"so indices {wanted[bad[0]]}..{wanted[bad[-1]]} (positions {bad[0]}-{bad[-1]}) do not exist; it skipped them and its "
+                      f"loader repeated frame_{bad[0] - 1}; here those positions read the last decodable frame {decodable - 1}",
+                      ReleasedPipelineWarning, stacklevel=2)
+    if path.suffix.lower() == '.avi' and (wanted >= 30).any():
+        warnings.warn(f"{path}: in AVI files the released extractor's OpenCV seek returns the frame before the one asked for from index 30 "
+                      "on; here every position reads the frame its index names", ReleasedPipelineWarning, stacklevel=2)
+    stored = [jpeg_round_trip(released_crop(images[int(i)], image_size), quality) for i in read[positions]]
+    frames = torch.from_numpy(np.stack([pixels for _, pixels in stored]))           # (K, S, S, 3) uint8
+    return VideoFrames(frames=frames, times=torch.from_numpy(read[positions] / fps), indices=torch.from_numpy(read[positions]),
+                       positions=torch.tensor(positions), sample_times=torch.from_numpy(wanted / fps), duration=declared / fps,
+                       video_duration=declared / fps, num_video_frames=decodable, fps=fps, backend=f'pyav-{preset}',
+                       jpegs=[data for data, _ in stored])
 
 # %% ../nbs/02_video.ipynb #6ac63523
 class FrameTransform(torch.nn.Module):

@@ -1,16 +1,17 @@
-"Shared fixtures: the reference data and real media in ../shared beside the checkout (tests skip without them)."
-import os
+"""Shared fixtures: the reference data and real media in ../shared beside the checkout (`cavmae_sync.config.shared_dir`):
+tests that need them skip on a user's machine without them, and fail under CI."""
 from pathlib import Path
 import pytest
+from cavmae_sync.config import shared_dir as find_shared
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get('CAVMAE_SYNC_SHARED', ROOT.parent / 'shared'))
 
 
 @pytest.fixture(scope='session')
 def shared_dir() -> Path:
-    if not SHARED.is_dir(): pytest.skip(f'{SHARED} is absent: reference data and media are not available')
-    return SHARED
+    folder = find_shared()                       # raises under CI when the folder is missing
+    if folder is None: pytest.skip('../shared is absent: reference data and media are not available')
+    return folder
 
 
 @pytest.fixture(scope='session')

@@ -58,3 +58,18 @@ def pyav_frames(path):
     "Every frame a player shows, as (H, W, 3) uint8 arrays (PyAV applies edit lists like ffmpeg)."
     with av.open(str(path)) as container:
         return [frame.to_ndarray(format='rgb24') for frame in container.decode(video=0)]
+
+
+def avi_declaring_more_frames(path, frames=20, extra=1, fps=10):
+    "An mpeg4 + mp2 AVI holding `frames` frames whose headers (avih dwTotalFrames, strh dwLength) declare `extra` more."
+    import struct
+    write_video(Path(path), numbered_frames(frames), fps, 0.1 * np.random.default_rng(0).standard_normal((1, 16_000 * frames // fps)),
+                video_codec='mpeg4', audio_codec='mp2')
+    data = bytearray(Path(path).read_bytes())
+    avih, strh = data.find(b'avih'), data.find(b'strh')
+    assert data[strh + 8:strh + 12] == b'vids'
+    for offset in (avih + 24, strh + 40):                      # dwTotalFrames, the video stream's dwLength
+        assert struct.unpack_from('<I', data, offset)[0] == frames
+        struct.pack_into('<I', data, offset, frames + extra)
+    Path(path).write_bytes(bytes(data))
+    return Path(path)

@@ -93,9 +93,34 @@ def test_scoring_errors_and_empty_classes():
     with pytest.raises(ValueError, match='NaN'):
         localization_scores([torch.full((2, 2), float('nan'))], [torch.ones(2, 2)], [1])
     result = localization_scores([torch.rand(2, 2), torch.rand(2, 2)], [torch.ones(2, 2), torch.zeros(2, 2)], [1, 2])
+    assert result.empty_classes == [2] and result.excluded_classes == [] and not np.isnan(result.mAP)
+    result = localization_scores([torch.rand(2, 2), torch.rand(2, 2)], [torch.ones(2, 2), torch.zeros(2, 2)], [1, 2], empty_classes='exclude')
     assert result.excluded_classes == [2] and not np.isnan(result.mAP)
-    with pytest.raises(ValueError, match='no mask'):
-        localization_scores([torch.rand(2, 2)], [torch.zeros(2, 2)], [1])
+    for rule in ('zero', 'exclude'):
+        with pytest.raises(ValueError, match='no mask'):
+            localization_scores([torch.rand(2, 2)], [torch.zeros(2, 2)], [1], empty_classes=rule)
+    with pytest.raises(ValueError, match='empty_classes must be one of'):
+        localization_scores([torch.rand(2, 2)], [torch.ones(2, 2)], [1], empty_classes='drop')
+
+
+def test_empty_classes_count_zero_as_denseav_hand_computed():
+    "The hand-computed case plus class 'c', whose only mask is empty (and 'd', whose two masks are)."
+    maps = [torch.tensor([[0., .5], [1., .25]]), torch.tensor([[.75, 0.], [0., 0.]]), torch.tensor([[.2, .4], [.6, .8]]),
+            torch.tensor([[.9, .1], [.3, .3]]), torch.tensor([[1., 1.], [0., .5]]), torch.tensor([[.4, .4], [.4, .4]])]
+    masks = [torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0, 0], [0, 1]]), torch.tensor([[0, 0], [1, 1]]),
+             torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2)]
+    classes = ['a', 'a', 'b', 'c', 'd', 'd']
+    denseav = localization_scores(maps, masks, classes)                           # default: DenseAV's rule
+    assert denseav.empty_classes == ['c', 'd'] and denseav.empty_classes_rule == 'zero'
+    assert np.isclose(denseav.mAP, (49 / 72 + 1 + 0 + 0) / 4 * 100) and np.isclose(denseav.mIoU, (0.5 + 1 + 0 + 0) / 4 * 100)
+    table = denseav.per_class.set_index('class')
+    assert table.loc['c', 'ap'] == table.loc['d', 'iou'] == 0 and table.loc['d', 'positive_pixels'] == 0
+    assert 'counted as AP 0 and IoU 0' in repr(denseav)
+    excluded = localization_scores(maps, masks, classes, empty_classes='exclude')     # the earlier rule, as an option
+    assert excluded.excluded_classes == ['c', 'd']
+    assert np.isclose(excluded.mAP, (49 / 72 + 1) / 2 * 100) and np.isclose(excluded.mIoU, 75) and 'left out' in repr(excluded)
+    # an empty class's IoU is 0 under DenseAV's thresholding too: every threshold has intersection 0
+    assert best_iou(torch.tensor([0.9, 0.1, 0.3, 0.3]), torch.zeros(4, dtype=torch.bool))[0] == 0.0
 
 
 def write_ade20k_sound(root, classes=((300, 'dog'), (1020, 'car')), per_class=2, size=(64, 48)):
@@ -147,6 +172,30 @@ def test_ade20k_sound_loader(tmp_path):
     assert data.audio_path(0).name == 'dog_000030.flac'
 
 
+def test_mask_resize_rules_match_their_references(tmp_path):
+    "PIL nearest (DenseAV's default) against Pillow's own resize; nearest-exact against floor((x + 0.5) * scale)."
+    root = write_ade20k_sound(tmp_path / 'stripes')
+    stripes = np.zeros((256, 320, 3), np.uint8)                                 # 1-pixel columns of class 44, other class between
+    stripes[:, ::2, 1] = 44
+    stripes[:, 1::2, 1] = 45
+    location = pd.read_csv(root / 'prompted_segmentation.csv')['image_location'][0]
+    Image.fromarray(stripes).save(root / 'annotations' / location.replace('.jpg', '_seg.png'))
+    table = pd.read_csv(root / 'prompted_segmentation.csv')
+    table.loc[0, 'ade_class_id'] = 44
+    table.to_csv(root / 'prompted_segmentation.csv', index=False)
+    config = PreprocessConfig(num_frames=2, window=96, image_size=224)
+    pil_mask = ADE20KSound(root, config=config).load_mask(0)
+    exact_mask = ADE20KSound(root, config=config, mask_resize='nearest_exact').load_mask(0)
+    # 256 x 320 -> short side 224: 224 x 280 (torchvision: int(224 * 320 / 256)), then the centre 224 columns (from 28)
+    resized = np.asarray(Image.fromarray(stripes).resize((280, 224), Image.NEAREST))[:, 28:28 + 224, 1] == 44
+    assert np.array_equal(pil_mask.numpy(), resized)
+    columns = np.floor((np.arange(280) + 0.5) * 320 / 280).astype(int)[28:28 + 224]
+    assert np.array_equal(exact_mask.numpy(), np.broadcast_to(columns % 2 == 0, (224, 224)))
+    assert 0 < (pil_mask != exact_mask).float().mean() < 0.5                      # the two rules really differ here
+    with pytest.raises(ValueError, match='mask_resize must be one of'):
+        ADE20KSound(root, config=config, mask_resize='bilinear')
+
+
 def test_ade20k_sound_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='prompted_segmentation.csv'):
         ADE20KSound(tmp_path)
@@ -182,6 +231,10 @@ def test_evaluate_localization_end_to_end(tmp_path):
     torch.testing.assert_close(evaluated.maps[1], expected, rtol=1e-4, atol=1e-5)
     result = evaluate_localization(model, data, progress=False)
     assert 0 <= result.mAP <= 100 and 0 <= result.mIoU <= 100 and len(result.per_class) == 2
+    same = evaluate_localization(model, data, progress=False, precision='bf16', empty_classes='exclude')   # CPU: fp32 either way
+    assert same.mAP == result.mAP and same.mIoU == result.mIoU
+    with pytest.raises(ValueError, match='precision'):
+        localization_maps(model, data, progress=False, precision='fp64')
 
 
 def test_overlay_and_viewer():

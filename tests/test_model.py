@@ -155,6 +155,111 @@ def test_ablation_switches_train(overrides):
     if overrides.get('global_local_contrast'): assert out.contrastive_loss_local is not None
 
 
+def test_bidirectional_contrast_is_the_mean_of_both_directions():
+    audio_emb, video_emb = torch.randn(6, 192), torch.randn(6, 192)
+    forward, backward = info_nce(audio_emb, video_emb, 0.05).loss, info_nce(video_emb, audio_emb, 0.05).loss   # a->v columns, v->a
+    assert not torch.isclose(forward, backward, rtol=1e-3)
+    single, both = CAVMAESync(small()), CAVMAESync(small(bidirectional_contrast=True))
+    assert torch.isclose(single.contrastive(audio_emb, video_emb).loss, forward)
+    assert torch.isclose(both.contrastive(audio_emb, video_emb).loss, (forward + backward) / 2)
+    out = both(*inputs(both.config, 6))                                 # the training loss uses it
+    a, v = out.audio_embedding, out.video_embedding
+    one_way, other_way = info_nce(a, v, 0.05).loss, info_nce(v, a, 0.05).loss
+    assert not torch.isclose(one_way, other_way, rtol=1e-4)
+    assert torch.isclose(out.contrastive_loss, (one_way + other_way) / 2, rtol=1e-5)
+
+
+def test_global_local_contrast_averages_the_global_and_the_patch_mean_losses():
+    model = CAVMAESync(small(global_local_contrast=True))
+    out = model(*inputs(model.config, 4))
+    global_loss = info_nce(out.audio_embedding, out.video_embedding, 0.05).loss
+    assert not torch.isclose(global_loss, out.contrastive_loss_local, rtol=1e-4)
+    assert torch.isclose(out.contrastive_loss, (global_loss + out.contrastive_loss_local) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mode', ['unstructured', 'time', 'frequency', 'time_frequency'])
+def test_audio_mask_mode_shapes_the_models_mask(mode):
+    "The pretraining forward masks whole frequency rows ('frequency'), whole time columns ('time'), both, or patches."
+    cfg = small(audio_mask_mode=mode)
+    model = CAVMAESync(cfg)
+    audio, frames = inputs(cfg, 4)
+    out = model(audio, frames)
+    rows, cols = cfg.audio_grid                                          # (8 frequency rows, 16 time columns)
+    grid = out.mask_audio.reshape(4, rows, cols).bool()                  # (B, F, T)
+    whole_rows, whole_cols = grid.all(2, keepdim=True), grid.all(1, keepdim=True)   # (B, F, 1), (B, 1, T)
+    by_rows, by_cols = torch.equal(grid, whole_rows.expand_as(grid)), torch.equal(grid, whole_cols.expand_as(grid))
+    assert (out.mask_audio.sum(1) == 96).all()                           # 75% of 128 patches in every mode
+    if mode == 'frequency': assert by_rows and (whole_rows.sum((1, 2)) == 6).all()
+    if mode == 'time': assert by_cols and (whole_cols.sum((1, 2)) == 12).all()
+    if mode == 'time_frequency':
+        assert (whole_rows.sum((1, 2)) >= int(rows * 0.75 * 0.7)).all() and (whole_cols.sum((1, 2)) >= int(cols * 0.75 * 0.7)).all()
+    if mode == 'unstructured': assert not by_rows and not by_cols and (whole_rows.sum((1, 2)) < 3).all()
+    assert (out.mask_video.sum(1) == 27).all()                           # the visual mask is unstructured whatever the mode
+    assert torch.isclose(out.mae_loss_audio, masked_mse(out.pred_audio, model.patchify_audio(audio), out.mask_audio, norm_pix=True))
+
+
+def test_norm_pix_loss_switch_changes_the_target():
+    torch.manual_seed(1)
+    cfg = small()
+    audio, frames = inputs(cfg)
+    audio, frames = 3 * audio + 2, 3 * frames - 1                        # patches far from zero mean / unit variance
+    for norm_pix in (True, False):
+        model = CAVMAESync(small(norm_pix_loss=norm_pix))
+        out = model(audio, frames)
+        for loss, pred, target, mask in ((out.mae_loss_audio, out.pred_audio, model.patchify_audio(audio), out.mask_audio),
+                                         (out.mae_loss_video, out.pred_video, model.patchify_video(frames), out.mask_video)):
+            assert torch.isclose(loss, masked_mse(pred, target, mask, norm_pix=norm_pix))
+            assert not torch.isclose(loss, masked_mse(pred, target, mask, norm_pix=not norm_pix), rtol=0.1)
+
+
+def test_joint_depth_two_runs_both_joint_blocks():
+    one, two = CAVMAESync(small()), CAVMAESync(small(joint_depth=2))
+    assert len(one.blocks_u) == 1 and len(two.blocks_u) == 2
+    assert {k for k in two.state_dict() if k.startswith('blocks_u.1.')} and not {k for k in one.state_dict() if k.startswith('blocks_u.1.')}
+    two.load_state_dict({**two.state_dict(), **one.state_dict()})       # every weight of `one`; block 1 stays its own
+    one.eval(), two.eval()
+    audio, frames = inputs(one.config)
+    def outputs(model):
+        with torch.no_grad():
+            torch.manual_seed(7)
+            out = model(audio, frames)
+            return [model.encode(audio, frames).audio_tokens, model.encode(audio, frames).video_global, out.pred_audio, out.loss[None]]
+    reference, second = outputs(one), outputs(two)
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(reference, second))        # block 1 changes every output
+    with torch.no_grad():                                                # block 1 as the identity (zero residual branches)
+        for layer in (two.blocks_u[1].attn.proj, two.blocks_u[1].mlp.fc2): layer.weight.zero_(); layer.bias.zero_()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(reference, outputs(two)))      # ... then they are the same model
+
+
+@pytest.mark.parametrize('fields', [dict(), dict(num_registers=0), dict(global_tokens=False), dict(audio_length=128), dict(audio_length=512)])
+def test_ablation_variants_change_the_token_sequence(fields):
+    "The trained variants of ablations.ipynb: registers appended and dropped, a global token prepended, L/16 time columns of audio."
+    from cavmae_sync.train import TrainConfig
+    cfg = small(**fields)
+    model = CAVMAESync(cfg).eval()
+    lengths = []
+    model.blocks_a[0].register_forward_hook(lambda module, args, out: lengths.append((args[0].shape[1], out.shape[1])))
+    audio, frames = inputs(cfg)
+    with torch.no_grad(): enc = model.encode(audio, frames)
+    G, R, N = int(cfg.global_tokens), cfg.num_registers, 8 * cfg.audio_length // 16
+    assert lengths == [(G + N + R, G + N + R)] and enc.audio_tokens.shape == (2, N, 192)          # registers dropped after the blocks
+    params = dict(model.named_parameters())
+    assert ('register_tokens' in params) == (R > 0) and ('cls_token_a' in params) == bool(G)
+    assert params['pos_embed_a'].shape == (1, N, 192)
+    if G: assert torch.equal(enc.audio_embedding, enc.audio_global)
+    else: assert enc.audio_global is None and torch.allclose(enc.audio_embedding, enc.audio_tokens.mean(1), atol=1e-6)
+    assert TrainConfig(model=cfg).preprocess().window == cfg.audio_length    # training windows follow the model's length
+    with pytest.raises(ValueError, match='audio must be'):
+        model.encode(torch.randn(2, cfg.audio_length + 16, 128), frames)
+
+
+def test_learnable_positions_switch():
+    fixed, learned = CAVMAESync(small()), CAVMAESync(small(learnable_pos_embed=True))
+    assert not fixed.pos_embed_a.requires_grad and learned.pos_embed_a.requires_grad and learned.decoder_pos_embed_v.requires_grad
+    assert torch.equal(fixed.pos_embed_a, learned.pos_embed_a)         # both start from the sin-cos positions
+    learned(*inputs(learned.config)).loss.backward()
+    assert learned.pos_embed_a.grad is not None and learned.pos_embed_a.grad.abs().sum() > 0
+
 def test_contrastive_heads_apply_to_the_contrastive_features():
     model = CAVMAESync(small(contrastive_heads=True)).eval()
     assert len(model.constrative_head_audio) == 2 and len(model.constrative_head_visual) == 2

@@ -1,5 +1,6 @@
 "The cavmae-sync-prepare command: datafile + label CSV, the official pre-extracted layout, errors and skipping."
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import soundfile
 import torch
 
 from cavmae_sync.audio import load_audio
+from cavmae_sync.config import PreprocessConfig
 from cavmae_sync.data import (prepare_cli, prepare_dataset, load_clip, load_clip_from_frames, DatafileDataset,
                               read_label_csv, read_datafile, MediaError)
 from media_factory import write_clip, truncate, frame_number
@@ -67,14 +69,12 @@ def test_extracted_layout_loads_like_the_video(extracted, media_dir):
     out = root / 'out'
     dataset = DatafileDataset(out / 'datafile.json', out / 'class_labels_indices.csv', mode='eval')
     assert dataset.classes == ['Engine', 'Music', 'Speech']
+    released = PreprocessConfig(frame_preset='released')                   # what --extract writes, read from the mp4 directly
     for k, path in enumerate(sorted(media_dir.glob('*.mp4'))):
-        item, direct = dataset[k], load_clip(path)
+        item, direct = dataset[k], load_clip(path, config=released)
         assert item['frames'].shape == direct.frames.shape == (16, 3, 224, 224)
-        frame_gap = (item['frames'] - direct.frames).abs()
-        audio_gap = (item['audio'] - direct.audio).abs()
-        assert frame_gap.mean() < 0.05, frame_gap.mean()                  # JPEG at quality 95
-        assert audio_gap.mean() < 0.01, audio_gap.mean()                   # 16-bit rounding of the wav
-        assert torch.corrcoef(torch.stack([item['frames'].flatten(), direct.frames.flatten()]))[0, 1] > 0.99
+        assert (item['frames'] - direct.frames).abs().max() < 1e-6         # the same JPEG round trip
+        assert (item['audio'] - direct.audio).abs().max() < 1e-4           # the same 16-bit samples
     assert dataset[0]['labels'].tolist() == [0, 1, 1] and dataset[1]['labels'].tolist() == [1, 0, 0]
 
 
@@ -116,7 +116,8 @@ def test_extract_in_process_with_other_settings(class_folders, tmp_path):
     clip = load_clip_from_frames(frame_root, 'dog0', tmp_path / 'out' / 'audio' / 'dog0.wav', num_frames=4, image_size=64)
     assert clip.frames.shape == (4, 3, 64, 64)
     from cavmae_sync.video import unnormalize
-    assert [frame_number(unnormalize(f).permute(1, 2, 0) * 255) for f in clip.frames] == [t * 15 // 4 for t in range(4)]
+    released_indices = np.linspace(0, 15 - 1, 4).astype(int).tolist()     # the released extractor's: [0, 4, 9, 14] of 15 frames
+    assert [frame_number(unnormalize(f).permute(1, 2, 0) * 255) for f in clip.frames] == released_indices
 
 
 def test_broken_file_stops_or_is_skipped(class_folders, tmp_path):
@@ -143,3 +144,26 @@ def test_label_and_id_errors(class_folders, tmp_path, capsys):
     with pytest.raises(ValueError, match="unique.*dog0"): prepare_dataset(class_folders, tmp_path / 'o', workers=1)
     with pytest.raises(SystemExit): prepare_cli([str(class_folders), '--labels', str(labels), '--folder-labels'])
     assert prepare_cli([str(tmp_path / 'nowhere')]) == 1 and 'not a folder' in capsys.readouterr().err
+
+
+def test_prepare_and_load_clip_share_one_readability_rule(tmp_path):
+    "A header declaring one frame more than the file holds is readable by both; truncated, audio-less and empty files by neither."
+    from media_factory import avi_declaring_more_frames
+    from cavmae_sync.config import MediaError
+    folder = tmp_path / 'videos'
+    files = {'gap': avi_declaring_more_frames(folder / 'gap.avi', frames=20, extra=1),
+             'good': write_clip(folder / 'good.mp4', seconds=2.0),
+             'truncated': truncate(write_clip(tmp_path / 'whole.mp4', seconds=4.0), folder / 'truncated.mp4', 0.5),
+             'no_audio': write_clip(folder / 'no_audio.mp4', audio=False),
+             'empty': folder / 'empty.mp4'}
+    files['empty'].touch()
+    readable = {}
+    for name, path in files.items():
+        try: load_clip(path, num_frames=4, window=64, image_size=32); readable[name] = True
+        except MediaError as e: readable[name] = False; assert str(path) in str(e)
+    assert readable == {'gap': True, 'good': True, 'truncated': False, 'no_audio': False, 'empty': False}
+    result = prepare_dataset(folder, out=tmp_path / 'out', skip_errors=True, workers=1, progress=False)
+    kept = {row['video_id'] for row in json.loads(result.datafile.read_text())['data']}
+    assert kept == {name for name, ok in readable.items() if ok}
+    assert sorted(Path(p).name for p, _ in result.skipped) == ['empty.mp4', 'no_audio.mp4', 'truncated.mp4']
+    assert result.frame_gaps == [(str(files['gap']), 1)]                # counted in the report

@@ -1,4 +1,5 @@
 "Retrieval: every similarity strategy against a loop over pairs, recall against a direct count (ties included)."
+import itertools
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cavmae_sync.retrieval import (STRATEGIES, similarity, retrieval_ranks, recall_metrics, retrieval_table,
-                                   class_balanced_subset)
+                                   class_balanced_subset, rank_counts, recall_hits)
 
 
 def loop_similarity(audio, video, strategy):
@@ -69,42 +70,96 @@ def test_similarity_rejects_bad_input(bad):
         bad(audio, video)
 
 
-def direct_ranks(scores):
-    "Rank by counting, one query at a time: 1 + candidates with a strictly higher score."
+def direct_expectation(scores, ks=(1, 5, 10)):
+    """R@k and MR straight from the definition, one query at a time: the true match is equally likely to stand at
+    each place of its tie group (positions h+1 .. h+e+1), so each place is one outcome of probability 1 / (e + 1)."""
     scores = np.asarray(scores)
-    return [1 + sum(1 for j in range(scores.shape[1]) if scores[i, j] > scores[i, i]) for i in range(len(scores))]
-
-
-def direct_recall(scores, ks=(1, 5, 10)):
-    ranks = direct_ranks(scores)
-    out = {f'R@{k}': 100 * sum(r <= k for r in ranks) / len(ranks) for k in ks}
-    ordered = sorted(ranks)
-    n = len(ordered)
+    hits, expected_ranks, ties = {k: [] for k in ks}, [], 0
+    for i in range(len(scores)):
+        higher = sum(1 for j in range(scores.shape[1]) if scores[i, j] > scores[i, i])
+        tied = sum(1 for j in range(scores.shape[1]) if j != i and scores[i, j] == scores[i, i])
+        outcomes = [higher + place for place in range(1, tied + 2)]
+        for k in ks: hits[k].append(sum(r <= k for r in outcomes) / len(outcomes))
+        expected_ranks.append(sum(outcomes) / len(outcomes))
+        ties += tied > 0
+    out = {f'R@{k}': 100 * sum(hits[k]) / len(scores) for k in ks}
+    ordered, n = sorted(expected_ranks), len(expected_ranks)
     out['MR'] = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    out['ties'] = ties
     return out
 
 
-def test_recall_counts_ties_in_the_query_favour():
-    scores = torch.tensor([[0.5, 0.5, 0.5, 0.1],     # all tied with the true match -> rank 1
-                           [0.9, 0.2, 0.2, 0.3],     # 0.9 and 0.3 higher, 0.2 tied -> rank 3
-                           [0.1, 0.1, 0.4, 0.4],     # tie with candidate 3 -> rank 1
-                           [0.8, 0.8, 0.8, 0.7]])    # three higher -> rank 4
-    assert retrieval_ranks(scores).tolist() == [1, 3, 1, 4] == direct_ranks(scores)
+def brute_force(scores, ks):
+    "R@k and each query's expected rank by enumerating every tie-breaking order of the candidates (N! of them)."
+    scores = np.asarray(scores)
+    n = len(scores)
+    orders = list(itertools.permutations(range(n)))
+    hits, ranks = {k: np.zeros(n) for k in ks}, np.zeros(n)
+    for priority in orders:
+        for i in range(n):
+            rank = 1 + sum(1 for j in range(n) if scores[i, j] > scores[i, i] or (scores[i, j] == scores[i, i] and priority[j] < priority[i]))
+            ranks[i] += rank / len(orders)
+            for k in ks: hits[k][i] += (rank <= k) / len(orders)
+    return {f'R@{k}': 100 * hits[k].mean() for k in ks}, ranks
+
+
+def test_recall_is_the_expectation_over_tie_orders():
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.1],     # tied with 2 others: rank 1, 2 or 3
+                           [0.9, 0.2, 0.2, 0.3],     # 0.9 and 0.3 higher, one tie: rank 3 or 4
+                           [0.1, 0.1, 0.4, 0.4],     # tie with candidate 3: rank 1 or 2
+                           [0.8, 0.8, 0.8, 0.7]])    # three higher: rank 4
+    counts = rank_counts(scores)
+    assert counts.higher.tolist() == [0, 2, 0, 3] and counts.tied.tolist() == [2, 1, 1, 0] and counts.num_tied == 3
+    assert retrieval_ranks(scores).tolist() == [2.0, 3.5, 1.5, 4.0]
     metrics = recall_metrics(scores, ks=(1, 2, 3))
-    assert metrics['R@1'] == 50 and metrics['R@2'] == 50 and metrics['R@3'] == 75
-    assert metrics['MR'] == 2.0                        # median of 1, 1, 3, 4
-    assert retrieval_ranks(scores.T).tolist() == direct_ranks(scores.T.numpy())
+    assert math.isclose(metrics['R@1'], 100 * (1 / 3 + 0 + 1 / 2 + 0) / 4)
+    assert math.isclose(metrics['R@2'], 100 * (2 / 3 + 0 + 1 + 0) / 4)
+    assert math.isclose(metrics['R@3'], 100 * (1 + 1 / 2 + 1 + 0) / 4)
+    assert metrics['MR'] == 2.75 and metrics['ties'] == 3           # median of 1.5, 2, 3.5, 4
+    expected, ranks = brute_force(scores.numpy(), (1, 2, 3))
+    assert np.allclose(ranks, retrieval_ranks(scores).numpy())
+    for key in expected: assert math.isclose(metrics[key], expected[key]), key
+    hits = recall_hits(scores, 1)
+    assert torch.allclose(hits, torch.tensor([1 / 3, 0, 1 / 2, 0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize('n', [1, 2, 7, 50])
+def test_constant_matrix_scores_chance(n):
+    metrics = recall_metrics(torch.full((n, n), 0.25), ks=(1, 5, 10))
+    for k in (1, 5, 10): assert math.isclose(metrics[f'R@{k}'], 100 * min(k, n) / n)
+    assert metrics['MR'] == (n + 1) / 2 and metrics['ties'] == (n if n > 1 else 0)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_partly_tied_matrices_match_brute_force_enumeration(seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(0, 3, (6, 6), generator=gen).float() / 3)     # three values: ties in most rows
+    for matrix in (scores, scores.T):
+        expected, ranks = brute_force(matrix.numpy(), (1, 2, 4))
+        got = recall_metrics(matrix, ks=(1, 2, 4))
+        for key in expected: assert math.isclose(got[key], expected[key], abs_tol=1e-9), key
+        assert math.isclose(got['MR'], float(np.median(ranks)))
 
 
 @pytest.mark.parametrize('seed', range(5))
-def test_recall_matches_direct_count_with_many_ties(seed):
+def test_recall_matches_direct_expectation_with_many_ties(seed):
     gen = torch.Generator().manual_seed(seed)
     n = 37
     scores = torch.randint(0, 4, (n, n), generator=gen).float() / 4     # few distinct values: ties everywhere
     for matrix in (scores, scores.T):
-        got, expected = recall_metrics(matrix), direct_recall(matrix.numpy())
+        got, expected = recall_metrics(matrix), direct_expectation(matrix.numpy())
         assert got.keys() == expected.keys()
         for key in expected: assert math.isclose(got[key], expected[key]), key
+        chunked = rank_counts(matrix, chunk_size=5)
+        assert torch.equal(chunked.higher, rank_counts(matrix).higher) and torch.equal(chunked.tied, rank_counts(matrix).tied)
+
+
+def test_without_ties_nothing_changes():
+    scores = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plain_ranks = [1 + int((scores[i] > scores[i, i]).sum()) for i in range(40)]
+    metrics = recall_metrics(scores)
+    assert metrics['ties'] == 0 and retrieval_ranks(scores).tolist() == plain_ranks
+    assert metrics['R@5'] == 100 * sum(r <= 5 for r in plain_ranks) / 40 and metrics['MR'] == float(np.median(plain_ranks))
 
 
 def test_recall_rejects_bad_matrices():
@@ -117,12 +172,12 @@ def test_recall_rejects_bad_matrices():
 def test_retrieval_table_directions_use_rows_and_transpose():
     audio, video = random_embeddings(12, 12, 3, 16, seed=7)
     table = retrieval_table(audio, video, strategies=('diagonal_mean', 'max'))
-    assert len(table) == 4 and list(table.columns) == ['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MR']
+    assert len(table) == 4 and list(table.columns) == ['strategy', 'direction', 'R@1', 'R@5', 'R@10', 'MR', 'ties']
     for strategy in ('diagonal_mean', 'max'):
         scores = similarity(audio, video, strategy)
         a2v = table[(table.strategy == strategy) & (table.direction == 'audio_to_video')].iloc[0]
         v2a = table[(table.strategy == strategy) & (table.direction == 'video_to_audio')].iloc[0]
-        assert a2v['R@5'] == direct_recall(scores.numpy())['R@5'] and v2a['MR'] == direct_recall(scores.T.numpy())['MR']
+        assert a2v['R@5'] == direct_expectation(scores.numpy())['R@5'] and v2a['MR'] == direct_expectation(scores.T.numpy())['MR']
 
 
 def test_class_balanced_subset():
@@ -143,8 +198,14 @@ def test_class_balanced_subset():
 
 from torch.utils.data import Dataset, Subset
 
+import os
+
+import pandas as pd
+
+from cavmae_sync.data import ClipDataset, ClipSource
 from cavmae_sync.retrieval import (embed_dataset, ClipEmbeddings, clip_ids, dataset_fingerprint, model_fingerprint,
-                                   embed_video, model_preprocess_config)
+                                   embed_video, model_preprocess_config, media_fingerprint, precision_tag, evaluation_autocast,
+                                   read_clip_list, paper_list_path, paper_subset, list_subset, drawn_subset)
 
 
 class CountingClips(Dataset):
@@ -229,12 +290,144 @@ def test_fingerprints_and_ids(tiny_model):
     assert clip_ids(Subset(data, [3, 1])) == ['v3', 'v1']
     assert dataset_fingerprint(Subset(data, [3, 1])) != dataset_fingerprint(Subset(data, [1, 3]))
     assert model_fingerprint(tiny_model) == model_fingerprint(tiny_model)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_model_fingerprint_covers_every_element(tiny_model, seed):
+    "Any one element of any tensor, e.g. a random index of the largest one (which a strided sample would miss)."
     before = model_fingerprint(tiny_model)
-    with torch.no_grad():
-        tiny_model.patch_embed_a.proj.weight[0, 0, 0, 0] += 1                 # the first sampled value
-    assert model_fingerprint(tiny_model) != before
-    with torch.no_grad():
-        tiny_model.patch_embed_a.proj.weight[0, 0, 0, 0] -= 1
+    gen = torch.Generator().manual_seed(seed)
+    state = tiny_model.state_dict()
+    names = sorted(state, key=lambda name: -state[name].numel())
+    for name in (names[0], names[int(torch.randint(len(names), (1,), generator=gen))]):
+        flat = state[name].view(-1)
+        if not flat.is_floating_point(): continue
+        index = int(torch.randint(flat.numel(), (1,), generator=gen))
+        original = flat[index].clone()
+        with torch.no_grad():
+            flat[index] = original + (1e-6 if original.abs() < 1 else original.abs() * 1e-6)   # the smallest kind of change
+            assert model_fingerprint(tiny_model) != before, f'{name}[{index}] does not change the fingerprint'
+            flat[index] = original
+    assert model_fingerprint(tiny_model) == before
+
+
+class FileClips(ClipDataset):
+    "Clips backed by real files on disk; the items are random tensors (nothing is decoded)."
+    def __init__(self, config, sources):
+        super().__init__(sources, mode='eval')
+        self.random = CountingClips(config, n=len(sources))
+    def __getitem__(self, i): return self.random[i] | {'video_id': self.sources[i].video_id}
+
+
+def test_replacing_media_invalidates_the_cache(tiny_model, tmp_path):
+    media = tmp_path / 'media'
+    media.mkdir()
+    for i in range(3): (media / f'c{i}.mp4').write_bytes(bytes([i]) * 1000)
+    sources = [ClipSource(f'c{i}', video=media / f'c{i}.mp4') for i in range(3)]
+    cache = tmp_path / 'emb.pt'
+    first = embed_dataset(tiny_model, FileClips(tiny_model.config, sources), cache_path=cache, progress=False)
+    again = FileClips(tiny_model.config, sources)
+    assert torch.equal(embed_dataset(tiny_model, again, cache_path=cache, progress=False).audio, first.audio)
+    assert again.random.loads == []                                          # unchanged media: served from the cache
+    (media / 'c1.mp4').write_bytes(b'a different video')                     # replaced under the same name
+    with pytest.raises(ValueError, match='replaced since'):
+        embed_dataset(tiny_model, FileClips(tiny_model.config, sources), cache_path=cache, progress=False)
+    redone = FileClips(tiny_model.config, sources)
+    embed_dataset(tiny_model, redone, cache_path=cache, overwrite=True, progress=False)
+    assert sorted(redone.random.loads) == [0, 1, 2]
+    before = dataset_fingerprint(FileClips(tiny_model.config, sources))
+    info = os.stat(media / 'c2.mp4')                                         # same size, new content, later mtime
+    (media / 'c2.mp4').write_bytes(bytes([9]) * 1000)
+    os.utime(media / 'c2.mp4', ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    assert dataset_fingerprint(FileClips(tiny_model.config, sources)) != before
+    (media / 'c0.mp4').unlink()                                               # a missing file changes it too
+    assert dataset_fingerprint(FileClips(tiny_model.config, sources)) not in (before, dataset_fingerprint(FileClips(tiny_model.config, sources[1:])))
+
+
+def test_media_fingerprint_of_the_extracted_layout_and_subsets(tmp_path):
+    root = tmp_path / 'frames'
+    for t in range(3):
+        (root / f'frame_{t}').mkdir(parents=True)
+        for clip in ('a', 'b'): (root / f'frame_{t}' / f'{clip}.jpg').write_bytes(b'jpg' + bytes([t]))
+    wavs = [tmp_path / f'{clip}.wav' for clip in ('a', 'b')]
+    for wav in wavs: wav.write_bytes(b'RIFF')
+    data = ClipDataset([ClipSource(clip, frame_root=root, audio=wav) for clip, wav in zip(('a', 'b'), wavs)], mode='eval')
+    whole, only_b = media_fingerprint(data), media_fingerprint(Subset(data, [1]))
+    (root / 'frame_1' / 'a.jpg').write_bytes(b'a new frame 1')                # a frame of clip a replaced
+    assert media_fingerprint(data) != whole and media_fingerprint(Subset(data, [1])) == only_b
+    (root / 'frame_3').mkdir()                                                # a frame folder more (re-extraction)
+    (root / 'frame_3' / 'b.jpg').write_bytes(b'jpg')
+    assert media_fingerprint(Subset(data, [1])) != only_b
+    assert media_fingerprint(CountingClips(tiny_config(), n=2)) is None       # no files behind it: ids and config only
+
+
+def tiny_config():
+    from cavmae_sync.model import tiny
+    return tiny(num_frames=3)
+
+
+def test_model_fingerprint_time_on_a_vit_b_sized_state_dict():
+    "The cost of hashing every weight: a ViT-B-sized state dict (about 86M float32 values, 344 MB)."
+    import time
+    class Weights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(768, 768 * 12)) for _ in range(12)])
+            self.extra = torch.nn.Parameter(torch.zeros(1000, 768))
+    model = Weights()
+    start = time.perf_counter()
+    key = model_fingerprint(model)
+    seconds = time.perf_counter() - start
+    print(f'model_fingerprint of {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M values: {seconds:.2f} s')
+    assert len(key) == 16 and seconds < 30
+
+
+def test_evaluation_precision_options(tiny_model):
+    assert precision_tag('cpu', 'fp16') == precision_tag('cpu', 'bf16') == ''      # CPU: always fp32
+    assert precision_tag('cuda', 'fp16') == '-cuda-fp16' and precision_tag('cuda', 'bf16') == '-cuda-bf16'
+    with pytest.raises(ValueError, match='precision must be one of'):
+        precision_tag('cpu', 'float8')
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*CUDA is not available.*')      # a CPU-only machine disables CUDA autocast
+        context = evaluation_autocast('cuda', 'fp16')
+        assert context.fast_dtype == torch.float16 and (context._enabled is True or not torch.cuda.is_available())
+        assert evaluation_autocast('cuda', 'bf16').fast_dtype == torch.bfloat16
+    assert not evaluation_autocast('cpu', 'fp16')._enabled and not evaluation_autocast('cuda', 'fp32')._enabled
+    data = CountingClips(tiny_model.config, n=2)
+    fp32 = embed_dataset(tiny_model, data, progress=False)
+    assert torch.equal(embed_dataset(tiny_model, data, progress=False, precision='bf16').audio, fp32.audio)   # CPU unchanged
+    with pytest.raises(ValueError, match='precision'):
+        embed_dataset(tiny_model, data, progress=False, precision='half')
+
+
+def test_paper_subset_and_user_lists(tmp_path):
+    listed = read_clip_list(paper_list_path())
+    table = pd.read_csv(paper_list_path(), dtype=str)
+    labels = pd.read_csv(paper_list_path('vggsound_class_labels_indices.csv'))
+    assert len(listed) == len(set(listed)) == 1545 and (table['labels'].value_counts() == 5).all()
+    assert set(table['labels']) == set(labels['mid']) and len(labels) == 309
+    copy = listed[::-1][:1520] + ['someone_elses_clip_000001']                # the user's copy lacks 25 clips
+    chosen = paper_subset(copy)
+    assert len(chosen) == 1520 and chosen.listed == 1545 and len(chosen.missing) == 25 and chosen.is_papers_subset
+    assert chosen.missing == [v for v in listed if v not in set(copy)]        # in list order
+    assert [copy[i] for i in chosen.indices] == chosen.video_ids == [v for v in listed if v in set(copy)]
+    assert '1520 of the 1545 clips of the paper list' in chosen.summary() and '25 listed clips are missing' in chosen.summary()
+    (tmp_path / 'as.txt').write_text('# my AudioSet list\nx1\nx3\n')
+    mine = list_subset(tmp_path / 'as.txt', ['x0', 'x1', 'x2', 'x3'])
+    assert mine.indices.tolist() == [1, 3] and not mine.is_papers_subset and mine.source == 'user list'
+    drawn = drawn_subset(np.eye(3)[[0, 1, 2, 0, 1, 2]], [f'x{i}' for i in range(6)], per_class=1)
+    assert len(drawn) == 3 and drawn.source == 'drawn' and not drawn.is_papers_subset and "NOT the paper's subset" in drawn.summary()
+    with pytest.raises(ValueError, match='none of the'):
+        paper_subset(['unrelated'])
+    (tmp_path / 'bad.csv').write_text('id\nx1\n')
+    with pytest.raises(ValueError, match='video_id column'):
+        read_clip_list(tmp_path / 'bad.csv')
+    (tmp_path / 'twice.txt').write_text('x1\nx1\n')
+    with pytest.raises(ValueError, match='repeated'):
+        read_clip_list(tmp_path / 'twice.txt')
+    with pytest.raises(FileNotFoundError, match='nowhere.csv'):
+        read_clip_list(tmp_path / 'nowhere.csv')
 
 
 def test_clip_embeddings_subset_and_table(tiny_model, tmp_path):
@@ -260,3 +453,21 @@ def test_embed_video_real_clip(media_dir):
     assert result.frame_times is not None and len(result.frame_times) == 4 and result.path == str(path)
     config = model_preprocess_config(model)
     assert (config.num_frames, config.window, config.image_size) == (4, model.config.audio_length, model.config.image_size)
+
+
+def test_evaluation_subset_chooses_the_papers_list_a_user_list_or_a_labelled_draw(tmp_path):
+    from cavmae_sync.retrieval import evaluation_subset
+    listed = read_clip_list(paper_list_path())
+    labels = F.one_hot(torch.arange(20) % 4, 4)
+    data = ClipDataset([ClipSource(v, video=tmp_path / f'{v}.mp4', labels=labels[k]) for k, v in enumerate(listed[:19] + ['extra'])], mode='eval')
+    vgg = evaluation_subset(Subset(data, list(range(1, 20))), 'vggsound')                 # through a Subset: positions in it
+    assert vgg.is_papers_subset and len(vgg) == 18 and vgg.video_ids == listed[1:19] and vgg.indices.tolist() == list(range(18))
+    assert len(vgg.missing) == 1545 - 18
+    (tmp_path / 'as.csv').write_text('video_id\nextra\n' + listed[0] + '\n')
+    mine = evaluation_subset(data, 'audioset', list_file=tmp_path / 'as.csv')
+    assert mine.video_ids == ['extra', listed[0]] and not mine.is_papers_subset
+    drawn = evaluation_subset(data, 'audioset', per_class=2, seed=1)
+    assert drawn.source == 'drawn' and len(drawn) == 8 and "NOT the paper's subset" in drawn.summary()
+    unlabelled = ClipDataset([ClipSource('a', video=tmp_path / 'a.mp4')], mode='eval')
+    with pytest.raises(ValueError, match='labels'):
+        evaluation_subset(unlabelled, 'audioset')

@@ -192,15 +192,54 @@ def test_default_synthetic_is_cached_and_regenerated_when_parameters_change(tmp_
     start = time.perf_counter()
     default_synthetic(root, num_train=2, num_test=1)
     assert (root / COMPLETE_FILE).stat().st_mtime_ns == marker and time.perf_counter() - start < 0.5   # reused
-    default_synthetic(root, num_train=2, num_test=1, seed=3)                                              # new seed: regenerated
+    default_synthetic(root, num_train=2, num_test=1, seed=3, force=True)                                  # new seed: regenerated
     assert SyntheticDataset.from_root(root).seed == 3
     (root / COMPLETE_FILE).unlink()                                       # an incomplete set is never reused
     default_synthetic(root, num_train=2, num_test=1, seed=3)
     assert (root / COMPLETE_FILE).exists()
     stale = tmp_path / '.cached.partial-999999999-1'                      # left by a killed run (no such process)
     (stale / 'videos').mkdir(parents=True)
-    default_synthetic(root, num_train=1, num_test=1, seed=3)
+    default_synthetic(root, num_train=1, num_test=1, seed=3, force=True)
     assert not stale.exists() and SyntheticDataset.from_root(root).num_train == 1
+    assert sorted(p.name for p in (root / 'videos').iterdir()) == ['test_00000.mp4', 'train_00000.mp4']   # the old set's extra clip is gone
+
+
+def test_other_parameters_are_refused_and_user_files_survive(tmp_path):
+    "Rerunning on the same folder with another parameter never deletes anything without force, and force removes only the set's files."
+    root = tmp_path / 'mine'
+    default_synthetic(root, num_train=2, num_test=1)
+    user_files = {'notes.txt': 'my notes', 'videos/holiday.mp4': 'not a generated clip', 'ground_truth/labels_v2.csv': 'a,b'}
+    for name, text in user_files.items(): (root / name).write_text(text)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob('*') if p.is_file()}
+    with pytest.raises(FileExistsError) as refused: default_synthetic(root, num_train=3, num_test=1, seed=1)
+    message = str(refused.value)
+    assert str(root.resolve()) in message and 'num_train: 2 -> 3' in message and 'seed: 0 -> 1' in message and 'force' in message
+    assert {p: p.stat().st_mtime_ns for p in root.rglob('*') if p.is_file()} == before                    # nothing touched
+    assert default_synthetic(root, num_train=2, num_test=1) == root.resolve()                              # same parameters: reused
+    default_synthetic(root, num_train=1, num_test=2, seed=1, force=True)
+    for name, text in user_files.items(): assert (root / name).read_text() == text, name
+    data = SyntheticDataset.from_root(root)
+    assert (data.num_train, data.num_test, data.seed) == (1, 2, 1)
+    generated = sorted(p.name for p in (root / 'videos').glob('*_0*.mp4'))
+    assert generated == ['test_00000.mp4', 'test_00001.mp4', 'train_00000.mp4']
+    assert not list(tmp_path.glob('.mine.*partial*')) and not list(tmp_path.glob('.mine.old*'))
+    # make_synthetic(overwrite=True) keeps them too; a set written before manifests existed is known from its params.json
+    (root / 'MANIFEST.json').unlink()
+    make_synthetic(root, 1, 1, seed=2, workers=1, overwrite=True)
+    for name, text in user_files.items(): assert (root / name).read_text() == text, name
+    assert sorted(p.name for p in (root / 'videos').glob('t*.mp4')) == ['test_00000.mp4', 'train_00000.mp4']
+
+
+def test_cli_refuses_other_parameters_on_the_same_root(tmp_path, capsys):
+    root = tmp_path / 'cli'
+    assert synthetic_cli(['--root', str(root), '--num-train', '1', '--num-test', '1', '--quiet']) == 0
+    (root / 'keep.txt').write_text('x')
+    with pytest.raises(SystemExit) as exit_:
+        synthetic_cli(['--root', str(root), '--num-train', '2', '--num-test', '1', '--quiet'])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and str(root.resolve()) in err and 'num_train: 1 -> 2' in err and '--force' in err
+    assert synthetic_cli(['--root', str(root), '--num-train', '2', '--num-test', '1', '--quiet', '--force']) == 0
+    assert (root / 'keep.txt').read_text() == 'x' and SyntheticDataset.from_root(root).num_train == 2
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
