@@ -363,9 +363,24 @@ def prepare_cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--frame-preset', choices=('released', 'cavmae'), default='released',
                         help="--extract writes the jpgs of this release's extractor: 'released' (CAV-MAE Sync, T frames) or 'cavmae' (10 frames)")
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='worker processes (default: %(default)s)')
+    parser.add_argument('--shards', metavar='OUT_DIR', help='write WebDataset tar shards (released frames + 16-bit wav + labels) to OUT_DIR instead of a datafile')
+    parser.add_argument('--part', default='0/1', help='with --shards: write the I-th of N disjoint parts, e.g. $SLURM_ARRAY_TASK_ID/64 (default: %(default)s)')
+    parser.add_argument('--shard-gb', type=float, default=1.0, help='with --shards: size of a shard in GB (default: %(default)s)')
     parser.add_argument('--skip-errors', action='store_true', help='leave unreadable videos out and list them, instead of stopping')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
+    if args.shards:                                  # one part of a sharded collection (cavmae_sync.shards)
+        from cavmae_sync.shards import write_shards, parse_part
+        try:
+            part, parts = parse_part(args.part)
+            index = write_shards(args.videos, args.shards, args.labels, part, parts, PreprocessConfig(num_frames=args.num_frames, image_size=args.image_size),
+                                 int(args.shard_gb * 1e9), args.skip_errors, progress=not args.no_progress)
+        except (MediaError, ValueError, FileNotFoundError) as e:
+            print(f'cavmae-sync-prepare: error: {e}', file=sys.stderr)
+            return 1
+        print(f"part {part}/{parts}: {len(index.shards)} shards, {len(index.clips)} clips in {args.shards}")
+        for path, reason in index.skipped: print(f'  skipped {path}: {reason}', file=sys.stderr)
+        return 0
     try:
         config = PreprocessConfig(num_frames=args.num_frames, image_size=args.image_size, frame_preset=args.frame_preset)
         result = prepare_dataset(args.videos, args.out, args.datafile, args.labels, args.folder_labels, args.extract,

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .config import PreprocessConfig, MediaError, data_dir, atomic_file
-from .audio import load_audio, clip_spectrogram, window_bounds
-from .video import read_frames, check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
-from .data import (ClipDataset, DatafileDataset, ClipSource, collate_clips, FBANK_SHIFT_SECONDS, LABEL_CSV_NAME,
+from .audio import clip_spectrogram, window_bounds
+from .video import check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
+from .data import (ClipDataset, DatafileDataset, ClipSource, collate_clips, LABEL_CSV_NAME,
                               read_clip_frames, read_clip_audio)
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, cavmae_sync, cavmae, tiny
 from .checkpoint import save_checkpoint, load_checkpoint, unwrap_model, capture_rng_state, restore_rng_state

@@ -78,15 +78,29 @@ def real_like(data_env, tmp_path_factory):
     return root, pretrained, classifier, sizes['num_test']
 
 
+def with_paper_ids(root: Path, target: Path, count: int) -> list[str]:
+    "A copy of the 'real' set whose first `count` test clips carry ids of the paper's VGGSound retrieval list."
+    target.mkdir()
+    shutil.copy(root / 'class_labels_indices.csv', target / 'class_labels_indices.csv')
+    paper_ids = pd.read_csv(ROOT / 'data' / 'vggsound_retrieval_subset.csv')['video_id'].tolist()[:count]
+    rows = json.loads((root / 'test.json').read_text())
+    for row in rows['data']: row['video_path'] = str((root / row['video_path']).resolve())   # absolute: the datafile moves
+    for row, video_id in zip(rows['data'], paper_ids): row['video_id'] = video_id
+    (target / 'test.json').write_text(json.dumps(rows))
+    return paper_ids
+
+
 def test_retrieval_notebook_on_present_data(real_like, tmp_path):
-    "With the files present, the real-data path loads the checkpoint, draws the per-class subset and compares with the paper."
+    "With the files present, the real-data path loads the checkpoint, evaluates the paper's list (naming what is missing) and compares with the paper."
     root, checkpoint, _, num_test = real_like
-    notebook = run_notebook('retrieval', tmp_path, dataset='vggsound', data_root=str(root), checkpoint=str(checkpoint), per_class=1,
+    present = with_paper_ids(root, tmp_path / 'vggsound', 6)
+    notebook = run_notebook('retrieval', tmp_path, dataset='vggsound', data_root=str(tmp_path / 'vggsound'), checkpoint=str(checkpoint),
                             figures_dir=str(tmp_path), batch_size=4, num_workers=0)
     results = pd.read_csv(tmp_path / 'retrieval_vggsound.csv')
     assert len(results) == 4 * 2
     clips = int(results['clips'].iloc[0])
-    assert 1 <= clips <= num_test
+    assert clips == len(present)                                          # exactly the list's clips that this copy has
+    assert set(results['subset']) == {'paper list'} and set(results['paper clips missing']) == {1545 - len(present)}
     check_recalls(results, clips)
     side = pd.read_csv(tmp_path / 'retrieval_vs_paper_vggsound.csv')
     assert len(side) == 2 * 3 and set(side['compared with']) == {'CAV-MAE Sync'}
@@ -98,6 +112,15 @@ def test_retrieval_notebook_on_present_data(real_like, tmp_path):
     text = notebook_text(notebook)
     assert ('**Reproduced**' in text) == matched and ('**Not reproduced within 1 points**' in text) == (not matched)
     assert 'checks passed' in text
+
+
+def test_retrieval_notebook_refuses_weights_of_the_other_architecture(real_like, tmp_path):
+    "A file whose weights are CAV-MAE Sync, evaluated as CAV-MAE (or the reverse, a mislabelled download), stops in the first cells."
+    root, checkpoint, _, _ = real_like
+    with_paper_ids(root, tmp_path / 'vggsound', 2)
+    with pytest.raises(papermill.PapermillExecutionError, match='expected CAV-MAE, but the weights have the CAV-MAE Sync architecture'):
+        run_notebook('retrieval', tmp_path, dataset='vggsound', data_root=str(tmp_path / 'vggsound'), checkpoint=str(checkpoint),
+                     method='CAV-MAE', figures_dir=str(tmp_path), batch_size=4, num_workers=0)
 
 
 def test_classification_notebook_evaluates_a_finetuned_checkpoint(real_like, tmp_path):
