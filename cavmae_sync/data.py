@@ -8,7 +8,6 @@ import argparse
 import csv
 import dataclasses
 import functools
-import io
 import json
 import multiprocessing
 import os
@@ -24,7 +23,6 @@ import av
 import numpy as np
 import soundfile
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm

@@ -5,7 +5,7 @@
 # %% ../nbs/02_video.ipynb #0cab46a5
 from __future__ import annotations
 import io, warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

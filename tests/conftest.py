@@ -20,3 +20,12 @@ def reference_dir(shared_dir) -> Path: return shared_dir / 'reference'
 
 @pytest.fixture(scope='session')
 def media_dir(shared_dir) -> Path: return shared_dir / 'media'
+
+
+@pytest.fixture(scope='session')
+def clips(tmp_path_factory) -> Path:
+    "16 training and 8 test clips of the synthetic testbed, small and short: the training tests' data, made once per run (read only)."
+    from cavmae_sync.synthetic import make_synthetic
+    root = tmp_path_factory.mktemp('clips') / 'synthetic'
+    make_synthetic(root, num_train=16, num_test=8, seed=0, image_size=64, duration=6.0, workers=1)
+    return root

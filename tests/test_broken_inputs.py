@@ -16,14 +16,6 @@ MINI = dict(embed_dim=32, num_heads=2, modality_depth=1, decoder_embed_dim=32, d
             image_size=32, audio_length=64, num_frames=4, num_registers=2)
 
 
-@pytest.fixture(scope='module')
-def clips(tmp_path_factory) -> Path:
-    from cavmae_sync.synthetic import make_synthetic
-    root = tmp_path_factory.mktemp('broken') / 'synthetic'
-    make_synthetic(root, num_train=8, num_test=4, seed=0, image_size=64, duration=6.0, workers=1)
-    return root
-
-
 def mini_config(clips: Path, out: Path, **overrides) -> train.PretrainConfig:
     return train.PretrainConfig(model=tiny(**MINI), train_data=str(clips / 'train.json'), eval_data='', output_dir=str(out),
                                 batch_size=4, lr=1e-3, lr_reference_batch=4, epochs=1, log_every=1, progress=False,

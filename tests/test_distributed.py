@@ -1,7 +1,7 @@
 """Distributed training checked for what it promises: 2 `torchrun` processes on CPU (gloo) end with identical weights,
 each trained on its own disjoint half of every global batch, together on the same samples as a 1-process run, and a
 killed 2-process run resumes with each rank's RNG state (its losses and weights equal the uninterrupted run's)."""
-import json, os, shutil, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 
 import pandas as pd
@@ -10,21 +10,11 @@ import torch
 
 from cavmae_sync.checkpoint import load_checkpoint
 from distributed_driver import recorded_run
+from training_setup import MINI_MODEL, cli
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / 'distributed_driver.py'
-MINI_MODEL = ['--model', 'tiny', '--model.embed_dim', '32', '--model.num_heads', '2', '--model.modality_depth', '1',
-              '--model.decoder_embed_dim', '32', '--model.decoder_depth', '1', '--model.decoder_num_heads', '2',
-              '--model.image_size', '32', '--model.audio_length', '64', '--model.num_frames', '4', '--model.num_registers', '2']
 STEPS = 6                     # 16 clips / batch 4 = 4 steps per epoch: the run crosses an epoch end, the kill (step 3) is mid-epoch
-
-
-@pytest.fixture(scope='module')
-def clips(tmp_path_factory) -> Path:
-    from cavmae_sync.synthetic import make_synthetic
-    root = tmp_path_factory.mktemp('ddp') / 'synthetic'
-    make_synthetic(root, num_train=16, num_test=8, seed=0, image_size=64, duration=6.0, workers=1)
-    return root
 
 
 def settings(clips: Path, out: Path, *extra) -> list[str]:
@@ -43,12 +33,6 @@ def torchrun(program: list[str], argv: list[str], **env) -> subprocess.Completed
 def driver(kind: str, record: Path) -> list[str]:
     "The recording driver: every rank writes its samples and final weights to `record`."
     return [sys.executable, str(DRIVER), kind, str(record)]
-
-
-def pretrain_cli() -> list[str]:
-    "The installed console script, or the same entry point through the interpreter."
-    exe = shutil.which('cavmae-sync-pretrain')
-    return [exe] if exe else [sys.executable, '-c', 'import sys; from cavmae_sync.train import pretrain_cli; pretrain_cli(sys.argv[1:])']
 
 
 def records(record: Path) -> list[dict]:
@@ -101,14 +85,14 @@ def test_torchrun_two_processes_on_cpu(ddp_run, clips, tmp_path):
 def test_killed_torchrun_run_resumes_with_each_ranks_rng_state(ddp_run, clips, tmp_path):
     reference = ddp_run[0]
     out = tmp_path / 'run'
-    killed = torchrun(pretrain_cli(), settings(clips, out), CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT='3')
+    killed = torchrun(cli('cavmae-sync-pretrain'), settings(clips, out), CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT='3')
     assert killed.returncode != 0, 'the test-only kill hook did not stop the run'
     assert not (out / 'model.pt').exists() and not list(out.rglob('*.partial'))
     state = load_checkpoint(out / 'last.pt').training_state
     assert state['step'] == 3 and len(state['rng_states']) == 2                          # mid-epoch (4 steps per epoch)
     assert int(pd.read_csv(out / 'train_log.csv')['step'].max()) == 3
 
-    resumed = torchrun(pretrain_cli(), ['--config', str(out / 'config.json'), '--resume'])
+    resumed = torchrun(cli('cavmae-sync-pretrain'), ['--config', str(out / 'config.json'), '--resume'])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summaries = [line for line in resumed.stdout.splitlines() if line.startswith('{')]
     assert len(summaries) == 1                                                          # rank 0 reports

@@ -149,7 +149,6 @@ def test_label_and_id_errors(class_folders, tmp_path, capsys):
 def test_prepare_and_load_clip_share_one_readability_rule(tmp_path):
     "A header declaring one frame more than the file holds is readable by both; truncated, audio-less and empty files by neither."
     from media_factory import avi_declaring_more_frames
-    from cavmae_sync.config import MediaError
     folder = tmp_path / 'videos'
     files = {'gap': avi_declaring_more_frames(folder / 'gap.avi', frames=20, extra=1),
              'good': write_clip(folder / 'good.mp4', seconds=2.0),

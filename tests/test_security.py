@@ -1,6 +1,6 @@
 """Opening a file never runs code from it: a hostile pickle fed to every loading entry point is refused, and the
 file it would create is never created."""
-import io, os, shutil, subprocess, sys
+import io, os, subprocess
 from pathlib import Path
 
 import pytest
@@ -9,10 +9,8 @@ import torch
 from cavmae_sync import checkpoint, reproduce
 from cavmae_sync.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from cavmae_sync.model import CAVMAESync, tiny
+from training_setup import MINI_MODEL, cli
 
-MINI_MODEL = ['--model', 'tiny', '--model.embed_dim', '32', '--model.num_heads', '2', '--model.modality_depth', '1',
-              '--model.decoder_embed_dim', '32', '--model.decoder_depth', '1', '--model.decoder_num_heads', '2',
-              '--model.image_size', '32', '--model.audio_length', '64', '--model.num_frames', '4', '--model.num_registers', '2']
 
 
 class CreatesFile:
@@ -51,21 +49,6 @@ def test_caches_refuse_a_hostile_pickle(hostile):
     with pytest.raises(Exception) as error: ClipEmbeddings.load(path)
     assert str(path) in str(error.value)
     assert not marker.exists()
-
-
-@pytest.fixture(scope='module')
-def clips(tmp_path_factory) -> Path:
-    from cavmae_sync.synthetic import make_synthetic
-    root = tmp_path_factory.mktemp('security') / 'synthetic'
-    make_synthetic(root, num_train=8, num_test=4, seed=0, image_size=64, duration=6.0, workers=1)
-    return root
-
-
-def cli(command: str) -> list[str]:
-    exe = shutil.which(command)
-    if exe: return [exe]
-    function = {'cavmae-sync-pretrain': 'pretrain_cli', 'cavmae-sync-finetune': 'finetune_cli'}[command]
-    return [sys.executable, '-c', f'import sys; from cavmae_sync.train import {function}; {function}(sys.argv[1:])']
 
 
 @pytest.mark.parametrize('command, flag', [('cavmae-sync-pretrain', '--resume'), ('cavmae-sync-pretrain', '--init'),

@@ -3,14 +3,13 @@ over 2 processes x 2 workers into disjoint samples that together cover the epoch
 import json, os, subprocess, sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from cavmae_sync.config import PreprocessConfig
 from cavmae_sync.data import load_clip
-from cavmae_sync.shards import ShardDataset, list_shards, read_samples
+from cavmae_sync.shards import ShardDataset, list_shards
 
 RELEASED = PreprocessConfig(num_frames=4, image_size=32, window=64, frame_preset='released')
 

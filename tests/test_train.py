@@ -1,5 +1,5 @@
 "Training: exact resume after a kill (streaming data, DataLoader workers), the NaN guard, config handling and fine-tuning (torchrun: test_distributed.py)."
-import os, shutil, subprocess, sys
+import os, subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -9,20 +9,8 @@ import torch
 from cavmae_sync import train
 from cavmae_sync.checkpoint import load_checkpoint
 from cavmae_sync.model import CAVMAESync
+from training_setup import MINI_MODEL, cli
 
-# a few-thousand-parameter model: a step takes milliseconds, so the tests measure the machinery, not the model
-MINI_MODEL = ['--model', 'tiny', '--model.embed_dim', '32', '--model.num_heads', '2', '--model.modality_depth', '1',
-              '--model.decoder_embed_dim', '32', '--model.decoder_depth', '1', '--model.decoder_num_heads', '2',
-              '--model.image_size', '32', '--model.audio_length', '64', '--model.num_frames', '4', '--model.num_registers', '2']
-
-
-@pytest.fixture(scope='module')
-def clips(tmp_path_factory) -> Path:
-    "16 training and 8 test clips of the synthetic testbed, small and short."
-    from cavmae_sync.synthetic import make_synthetic
-    root = tmp_path_factory.mktemp('train') / 'synthetic'
-    make_synthetic(root, num_train=16, num_test=8, seed=0, image_size=64, duration=6.0, workers=1)
-    return root
 
 
 def pretrain_args(clips: Path, out: Path, *extra) -> list[str]:
@@ -33,14 +21,6 @@ def pretrain_args(clips: Path, out: Path, *extra) -> list[str]:
 
 def subprocess_env() -> dict:
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-
-
-def cli(command: str) -> list[str]:
-    "The installed console script, or the same entry point through the interpreter."
-    exe = shutil.which(command)
-    if exe: return [exe]
-    function = {'cavmae-sync-pretrain': 'pretrain_cli', 'cavmae-sync-finetune': 'finetune_cli'}[command]
-    return [sys.executable, '-c', f'import sys; from cavmae_sync.train import {function}; {function}(sys.argv[1:])']
 
 
 def step_losses(out: Path) -> pd.Series:

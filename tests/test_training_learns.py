@@ -10,19 +10,8 @@ import torch
 from cavmae_sync import train
 from cavmae_sync.checkpoint import load_checkpoint
 from cavmae_sync.classification import LinearProbe, mean_average_precision
+from training_setup import MINI_MODEL
 
-MINI_MODEL = ['--model', 'tiny', '--model.embed_dim', '32', '--model.num_heads', '2', '--model.modality_depth', '1',
-              '--model.decoder_embed_dim', '32', '--model.decoder_depth', '1', '--model.decoder_num_heads', '2',
-              '--model.image_size', '32', '--model.audio_length', '64', '--model.num_frames', '4', '--model.num_registers', '2']
-
-
-@pytest.fixture(scope='module')
-def clips(tmp_path_factory) -> Path:
-    "16 training and 8 test clips of the synthetic testbed, small and short."
-    from cavmae_sync.synthetic import make_synthetic
-    root = tmp_path_factory.mktemp('learns') / 'synthetic'
-    make_synthetic(root, num_train=16, num_test=8, seed=0, image_size=64, duration=6.0, workers=1)
-    return root
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,176 @@
+"""Audio-visual offset (`cavmae_sync.sync`): the sign convention and known offsets on a time-coded clip read by a model
+whose answer is known, the batched windows against a brute-force computation, edge cases and the CLI."""
+import contextlib, io, json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cavmae_sync.audio import load_audio
+from cavmae_sync.checkpoint import save_checkpoint
+from cavmae_sync.model import CAVMAESync, tiny
+from cavmae_sync.retrieval import model_preprocess_config
+from cavmae_sync.sync import (OffsetInputs, TimeCodedModel, av_offset, cached_tiny_model, decode_for_offset, offset_cli, offset_grid,
+                              score_offsets, shift_waveform, time_coded_clip, window_plan, write_shifted_clip, num_fbank_frames)
+from cavmae_sync.audio import kaldi_fbank
+from cavmae_sync.video import write_video
+
+
+@pytest.fixture(scope='module')
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('sync')
+    clip = time_coded_clip(folder / 'in_sync.mp4')
+    return {'folder': folder, 'clip': clip, 'late': write_shifted_clip(clip, folder / 'late.mp4', 0.6),
+            'early': write_shifted_clip(clip, folder / 'early.mp4', -0.4)}
+
+
+@pytest.fixture(scope='module')
+def oracle(): return TimeCodedModel()
+
+
+def test_offset_grid():
+    assert offset_grid(0.2, 0.1).tolist() == [-20, -10, 0, 10, 20]
+    assert len(offset_grid(2.0, 0.04)) == 101 and offset_grid(2.0, 0.04)[50] == 0
+    assert offset_grid(0.0, 0.04).tolist() == [0]
+    for step in (0.015, 0.005, 0.0, -0.04):
+        with pytest.raises(ValueError, match='step'): offset_grid(2.0, step)
+    with pytest.raises(ValueError, match='max_offset'): offset_grid(-1.0, 0.04)
+
+
+def test_window_plan_by_hand():
+    plan = window_plan([0.0, 0.6, 1.2], offset_grid(0.2, 0.1), num_spectrogram_frames=200, window=100)
+    starts = lambda t: [int(plan.starts[j]) if j >= 0 else None for j in plan.index[t]]
+    assert plan.centres.tolist() == [0, 60, 120]
+    assert starts(0) == [None] * 5                                 # a window centred on t=0 starts before the audio
+    assert starts(1) == [None, 0, 10, 20, 30]                     # 60 + k - 50, kept when >= 0
+    assert starts(2) == [50, 60, 70, 80, 90]                      # ends at 150 .. 190 <= 200
+    assert plan.starts.tolist() == sorted(set(plan.starts.tolist()))   # each distinct window once
+    plan = window_plan([0.0, 0.6, 1.2], offset_grid(0.2, 0.1), num_spectrogram_frames=185, window=100)
+    assert [int(plan.starts[j]) if j >= 0 else None for j in plan.index[2]] == [50, 60, 70, 80, None]   # past the end: dropped
+
+
+def test_score_offsets_by_hand():
+    offsets = torch.tensor([-0.2, -0.1, 0.0, 0.1, 0.2], dtype=torch.float64)
+    cos = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.4], [0.0, 0.1, 0.2, 0.8, 0.3], [0.2, 0.7, 0.1, 0.5, 0.5]])
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    r = score_offsets(cos, valid, offsets, min_frames=2)
+    assert torch.allclose(r.curve, torch.tensor([0.1, 1 / 3, 0.2, 0.85, 0.35], dtype=torch.float64), atol=1e-6)
+    assert r.offset == pytest.approx(0.1) and r.confidence == pytest.approx(0.85 - 1 / 3, abs=1e-6)
+    assert r.frame_offsets.tolist() == pytest.approx([0.1, 0.1, -0.1]) and r.frames_used.tolist() == [3, 3, 3, 2, 2]
+    assert score_offsets(cos, valid, offsets, min_frames=3).offset == pytest.approx(-0.1)   # too few frames at +0.1 s
+    none = score_offsets(cos, valid, offsets, min_frames=4)
+    assert none.offset is None and none.confidence is None and 'too short' in none.reason
+
+
+def test_shift_waveform():
+    x = torch.arange(1, 11, dtype=torch.float32)
+    assert shift_waveform(x, 0.3, 10).tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]        # positive: later
+    assert shift_waveform(x, -0.2, 10).tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 0, 0]
+    with pytest.raises(ValueError): shift_waveform(x, 2.0, 10)
+
+
+def test_shifted_clip_moves_the_samples(clips):
+    source = load_audio(clips['clip'], 16000, align_to_video=True)
+    late = load_audio(clips['late'], 16000, align_to_video=True)
+    lag = 9600                                                     # 0.6 s
+    a, b = source[16000:100000], late[16000 + lag:100000 + lag]
+    assert F.cosine_similarity(a, b, dim=0) > 0.95                 # the late copy is the source, 0.6 s later
+    assert F.cosine_similarity(a, late[16000:100000], dim=0) < 0.5
+    assert late[:lag - 2000].abs().max() < 0.05                    # silence before it
+
+
+def test_known_offsets_and_sign(clips, oracle):
+    base = av_offset(clips['clip'], oracle)
+    late, early = av_offset(clips['late'], oracle), av_offset(clips['early'], oracle)
+    assert abs(base.offset) <= 0.08, base.summary()
+    assert late.offset - base.offset == pytest.approx(0.6, abs=0.041), late.summary()    # positive: audio late
+    assert early.offset - base.offset == pytest.approx(-0.4, abs=0.041), early.summary()
+    assert late.confidence > 0.2 and 'audio late' in late.summary() and 'audio early' in early.summary()
+    assert len(late.curve) == 101 and late.curve.shape == late.offsets.shape
+    answered = late.frame_offsets[~torch.isnan(late.frame_offsets)]
+    assert len(answered) >= 12 and (answered - late.offset).abs().median() <= 0.08       # the frames agree
+
+
+def test_no_estimate_for_silent_or_short(tmp_path, oracle):
+    silent = write_video(tmp_path / 'silent.mp4', np.full((100, 32, 32, 3), 128, np.uint8), fps=10,
+                         audio=np.zeros((1, 160_000), np.float32))
+    r = av_offset(silent, oracle)
+    assert r.offset is None and 'silent' in r.reason and torch.isnan(r.curve).all()
+    r = av_offset(time_coded_clip(tmp_path / 'short.mp4', duration=0.5), oracle)
+    assert r.offset is None and 'shorter' in r.reason and 'no estimate' in r.summary()
+    assert json.loads(json.dumps(r.to_dict()))['offset'] is None
+
+
+def test_refusals(clips, oracle):
+    with pytest.raises(ValueError, match='multiple of the fbank hop'): av_offset(clips['clip'], oracle, step=0.025)
+    with pytest.raises(ValueError, match='whole clip'): av_offset(clips['clip'], CAVMAESync(tiny(audio_length=1024, num_frames=1)))
+    with pytest.raises(Exception, match='missing.mp4'): av_offset(clips['folder'] / 'missing.mp4', oracle)
+
+
+def test_batched_windows_equal_brute_force(clips):
+    torch.manual_seed(0)
+    model = CAVMAESync(tiny(num_frames=4, audio_length=64, image_size=32)).eval()
+    inputs = decode_for_offset(clips['clip'], model_preprocess_config(model), 20)
+    assert inputs.spectrogram.shape[0] == num_fbank_frames(int(inputs.audio_seconds * 16000), 16000)
+    fast = av_offset(inputs, model, max_offset=0.2, step=0.1, min_frames=1, batch_size=3)   # several batches
+    with torch.inference_mode():
+        frames = F.normalize(model.encode_video(inputs.frames).embedding, dim=-1)
+        expected = []
+        for k in offset_grid(0.2, 0.1).tolist():
+            values = []
+            for t in range(4):
+                start = int(round(float(inputs.frame_times[t]) / 0.1)) * 10 + k - 32
+                if 0 <= start and start + 64 <= len(inputs.spectrogram):
+                    audio = F.normalize(model.encode_audio(inputs.spectrogram[start:start + 64][None]).embedding, dim=-1)[0]
+                    values.append(float(audio @ frames[t]))
+            expected.append(np.mean(values))
+    assert torch.allclose(fast.curve, torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+
+
+def test_fbank_frame_count():
+    for n in (399, 400, 559, 560, 16000):
+        assert num_fbank_frames(n, 16000) == kaldi_fbank(torch.zeros(n) + 0.1 * torch.randn(n), 16000).shape[0]
+
+
+def _cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: offset_cli(argv)
+        except SystemExit as e: code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli(clips, tmp_path):
+    model = CAVMAESync(tiny(num_frames=4, audio_length=64, image_size=32))
+    checkpoint = save_checkpoint(tmp_path / 'model.pt', model)
+    files = [str(clips['clip']), str(clips['late']), str(tmp_path / 'missing.mp4')]
+    code, out, _ = _cli(files + ['--checkpoint', str(checkpoint), '--max-offset', '0.4', '--step', '0.1'])
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 3                            # one line per file; a failed file sets the exit status
+    assert lines[0].startswith(files[0] + '\t') and 'confidence' in lines[0] and 'missing.mp4' in lines[2] and 'error' in lines[2]
+    code, out, _ = _cli(files[:2] + ['--checkpoint', str(checkpoint), '--json', '--max-offset', '0.4', '--step', '0.1'])
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r['path'] for r in rows] == files[:2] and len(rows[0]['curve']) == 9
+    code, _, err = _cli(files[:1] + ['--checkpoint', str(checkpoint), '--step', '0.015'])
+    assert code == 2 and 'multiple of the fbank hop' in err
+
+
+def test_cli_without_checkpoint_never_trains(clips, tmp_path, monkeypatch):
+    monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path / 'empty'))
+    code, out, err = _cli([str(clips['clip'])])
+    assert code == 2 and 'pretrained_tiny' in err and '--checkpoint' in err and out == ''
+    assert not (tmp_path / 'empty').exists()                         # nothing generated, nothing trained
+
+
+def test_cached_tiny_model_picks_the_most_trained(tmp_path, monkeypatch):
+    monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path))
+    assert cached_tiny_model() is None
+    for name, steps in (('tiny_sync_a', 34), ('tiny_sync_b', 900), ('tiny_cavmae_c', 5000)):
+        (tmp_path / 'models' / name).mkdir(parents=True)
+        (tmp_path / 'models' / name / 'model.pt').write_bytes(b'x')
+        (tmp_path / 'models' / name / 'config.json').write_text(json.dumps({'config': {'max_steps': steps}}))
+    assert cached_tiny_model('sync') == tmp_path / 'models' / 'tiny_sync_b' / 'model.pt'
+    assert cached_tiny_model('cavmae') == tmp_path / 'models' / 'tiny_cavmae_c' / 'model.pt'
