@@ -22,8 +22,8 @@ from .video import read_preset_frames, eval_transform, train_transform
 from .data import find_videos, video_id_of, probe_video, read_video_labels, read_clip_audio
 
 # %% auto #0
-__all__ = ['SHARD_BYTES', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'read_samples', 'list_shards',
-           'ShardDataset']
+__all__ = ['SHARD_BYTES', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'read_samples', 'is_shard_folder',
+           'shard_sizes', 'list_shards', 'ShardDataset']
 
 # %% ../nbs/15_shards.ipynb #62bb75e7
 SHARD_BYTES = 1_000_000_000        # about 1 GB per shard: large sequential reads, few files
@@ -150,17 +150,28 @@ def read_samples(shard) -> Iterator[tuple[str, dict]]:
     except (tarfile.TarError, OSError, EOFError) as e: raise MediaError(shard, f'unreadable or truncated shard ({e})') from e
     if key is not None: yield key, files
 
-def list_shards(source) -> list[Path]:
-    "The shards of a folder (every part's index, in order; all N parts must be there) or an explicit list of tar files."
-    if isinstance(source, (list, tuple)): return [Path(s) for s in source]
-    folder = Path(source)
+def is_shard_folder(path) -> bool:
+    "Whether `path` is a folder written by `write_shards` (it holds part indexes)."
+    return Path(path).is_dir() and any(Path(path).glob('part*-of-*.json'))
+
+def shard_sizes(source) -> dict[Path, int]:
+    "{shard: clips} of a folder (from its indexes) or of a list of tar files (counted by reading them)."
+    if isinstance(source, (list, tuple)): return {Path(s): sum(1 for _ in read_samples(s)) for s in source}
+    return {Path(source) / shard['name']: len(shard['clips']) for index in _part_indexes(Path(source)) for shard in index.shards}
+
+def _part_indexes(folder: Path) -> list[ShardIndex]:
     indexes = sorted(folder.glob('part*-of-*.json'))
     if not indexes: raise FileNotFoundError(f"{folder}: no shard index (part*-of-*.json); write shards with cavmae-sync-prepare --shards")
     loaded = [ShardIndex(**json.loads(p.read_text())) for p in indexes]
     parts = {i.parts for i in loaded}
     if len(parts) != 1 or sorted(i.part for i in loaded) != list(range(parts.pop())):
         raise ValueError(f"{folder}: shard indexes {[p.name for p in indexes]} are not the parts 0 .. N-1 of one N")
-    return [folder / shard['name'] for index in loaded for shard in index.shards]
+    return loaded
+
+def list_shards(source) -> list[Path]:
+    "The shards of a folder (every part's index, in order; all N parts must be there) or an explicit list of tar files."
+    if isinstance(source, (list, tuple)): return [Path(s) for s in source]
+    return [Path(source) / shard['name'] for index in _part_indexes(Path(source)) for shard in index.shards]
 
 def _consumer() -> tuple[int, int]:
     "(this consumer's number, consumers): process rank x DataLoader workers."
@@ -176,14 +187,34 @@ class ShardDataset(IterableDataset):
                  config: PreprocessConfig | None = None,  # window, image_size, num_frames (must match the shards' T)
                  classes: Sequence[str] | None = None,    # class names for multi-hot `labels` (None: no labels)
                  shuffle_buffer: int = 256,          # samples mixed within a consumer (train mode; 0: shard order)
-                 seed: int = 0):
+                 seed: int = 0,
+                 augment: bool = False):             # train mode: random resized crop + flip (else resize + centre crop, as evaluation)
         if mode not in ('train', 'eval'): raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        self.shards, self.mode, self.config = list_shards(source), mode, config or PreprocessConfig()
+        self.shards, self.mode, self.config, self.source = list_shards(source), mode, config or PreprocessConfig(), source
         if not self.shards: raise ValueError(f"{source}: no shards")
+        self.sizes = None                                  # {shard: clips}, read when first needed
         self.classes, self.shuffle_buffer, self.seed, self.epoch = list(classes) if classes else None, shuffle_buffer, seed, 0
-        self.transform = train_transform(self.config.image_size) if mode == 'train' else eval_transform(self.config.image_size)
+        self.augment = augment and mode == 'train'
+        self.transform = train_transform(self.config.image_size) if self.augment else eval_transform(self.config.image_size)
 
     def set_epoch(self, epoch: int): self.epoch = epoch
+
+    def __len__(self) -> int: return sum(self.shard_clips().values())
+
+    def shard_clips(self) -> dict[Path, int]:
+        if self.sizes is None: self.sizes = shard_sizes(self.source)
+        return self.sizes
+
+    def batches_per_epoch(self, batch_size: int, world_size: int, workers: int, epochs: int = 1) -> int:
+        "Full batches of `batch_size` that every process yields in each of `epochs` epochs (DataLoader, `workers` workers, drop_last): the minimum."
+        sizes, readers, current = self.shard_clips(), max(1, workers), self.epoch
+        counts = []
+        for epoch in range(epochs):                       # shard sizes differ a little (each part's last shard), so the split does too
+            self.epoch = epoch
+            per_reader = [sum(sizes[s] for s in self.consumer_shards(c, world_size * readers)) for c in range(world_size * readers)]
+            counts += [sum(n // batch_size for n in per_reader[r * readers:(r + 1) * readers]) for r in range(world_size)]
+        self.epoch = current
+        return min(counts)
 
     def consumer_shards(self, consumer: int, consumers: int) -> list[Path]:
         "The shards one consumer reads this epoch."
@@ -204,7 +235,9 @@ class ShardDataset(IterableDataset):
         if T != self.config.num_frames: raise ValueError(f"sample {key} ({meta['video_id']}) has {T} frames, the config {self.config.num_frames}")
         positions = [int(rng.integers(T))] if self.mode == 'train' else list(range(T))
         images = [np.array(Image.open(io.BytesIO(files[f'f{t:02d}.jpg'])).convert('RGB')) for t in positions]
-        frames = self.transform(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))            # (K, 3, S, S)
+        with torch.random.fork_rng(devices=[]):         # crops drawn from this reader's own stream: the same in any worker, after any restart
+            torch.manual_seed(int(rng.integers(2**63)))
+            frames = self.transform(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))        # (K, 3, S, S)
         pcm, rate = soundfile.read(io.BytesIO(files['wav']), dtype='int16')
         waveform = torch.from_numpy(pcm.astype(np.float32) / 32768)                               # (N,)
         c = self.config

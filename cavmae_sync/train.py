@@ -15,13 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.utils.data import Dataset, DataLoader, Sampler
+from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler
 
 from .config import PreprocessConfig, MediaError, data_dir, atomic_file
 from .audio import clip_spectrogram, window_bounds
 from .video import check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
 from .data import (ClipDataset, DatafileDataset, ClipSource, collate_clips, LABEL_CSV_NAME,
-                              read_clip_frames, read_clip_audio)
+                              read_clip_frames, read_clip_audio, read_label_csv)
+from .shards import ShardDataset, is_shard_folder
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, cavmae_sync, cavmae, tiny
 from .checkpoint import save_checkpoint, load_checkpoint, unwrap_model, capture_rng_state, restore_rng_state
 
@@ -653,9 +654,17 @@ def _fit_locked(config: TrainConfig, task: TrainTask, ctx: DistributedContext, o
     micro_batch = config.batch_size // (ctx.world_size * config.accumulation_steps)
     if micro_batch * ctx.world_size * config.accumulation_steps != config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by {ctx.world_size} processes x {config.accumulation_steps} accumulation steps")
-    sampler = ResumableDistributedSampler(len(task.train_set), config.batch_size, ctx.rank, ctx.world_size, config.seed,
-                                          weights=task.sample_weights)
-    steps_per_epoch = sampler.steps_per_epoch
+    num_workers = config.num_workers if config.num_workers is not None else (0 if getattr(task.train_set, 'in_memory', False) else min(8, os.cpu_count() or 1))
+    streaming = isinstance(task.train_set, IterableDataset)     # shards: each process and worker reads its own (`shards.ShardDataset`)
+    if streaming:
+        if task.sample_weights is not None: raise ValueError("balanced sampling needs a map-style data set; shards are read as a stream")
+        sampler = None
+        steps_per_epoch = task.train_set.batches_per_epoch(micro_batch, ctx.world_size, num_workers, config.epochs) // config.accumulation_steps
+        if steps_per_epoch < 1: raise ValueError(f"{len(task.train_set)} clips in shards give no full step of {config.batch_size} per epoch")
+    else:
+        sampler = ResumableDistributedSampler(len(task.train_set), config.batch_size, ctx.rank, ctx.world_size, config.seed,
+                                              weights=task.sample_weights)
+        steps_per_epoch = sampler.steps_per_epoch
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
     model = task.model.to(ctx.device)
@@ -697,10 +706,13 @@ def _fit_locked(config: TrainConfig, task: TrainTask, ctx: DistributedContext, o
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == 'cuda' else None,
                                                           find_unused_parameters=task.find_unused_parameters)
     if config.compile: train_model = torch.compile(train_model)
-    num_workers = config.num_workers if config.num_workers is not None else (0 if getattr(task.train_set, 'in_memory', False) else min(8, os.cpu_count() or 1))
-    loader = DataLoader(SeededSamples(task.train_set), batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                        pin_memory=ctx.device.type == 'cuda', drop_last=True, persistent_workers=num_workers > 0, collate_fn=collate_clips,
-                        generator=torch.Generator().manual_seed(config.seed))      # own generator: iterating never touches the global RNG
+    if streaming:       # workers restart each epoch, so each sees the epoch set on the data set
+        loader = DataLoader(task.train_set, batch_size=micro_batch, num_workers=num_workers, pin_memory=ctx.device.type == 'cuda',
+                            drop_last=True, collate_fn=collate_clips, generator=torch.Generator().manual_seed(config.seed))  # iterating never touches the global RNG
+    else:
+        loader = DataLoader(SeededSamples(task.train_set), batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
+                            pin_memory=ctx.device.type == 'cuda', drop_last=True, persistent_workers=num_workers > 0, collate_fn=collate_clips,
+                            generator=torch.Generator().manual_seed(config.seed))      # own generator: iterating never touches the global RNG
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)) \
         if precision in ('bf16', 'fp16') else contextlib.nullcontext
     log = RunLog(out, ctx.is_main, config.tensorboard, config.progress, total_steps, step, desc)
@@ -738,8 +750,13 @@ def _fit_locked(config: TrainConfig, task: TrainTask, ctx: DistributedContext, o
         while step < total_steps:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             if loader_iter is None or step_in_epoch == 0:
-                sampler.set_epoch(epoch, step_in_epoch)
-                loader_iter = iter(loader)
+                if streaming:   # a stream has no position: resuming mid-epoch re-reads the epoch's batches up to the step (exact, costs decoding)
+                    task.train_set.set_epoch(epoch)
+                    loader_iter = iter(loader)
+                    for _ in range(step_in_epoch * config.accumulation_steps): next(loader_iter)
+                else:
+                    sampler.set_epoch(epoch, step_in_epoch)
+                    loader_iter = iter(loader)
             lr = base_lr * lr_factor(step, total_steps, steps_per_epoch, config)
             for group in optimizer.param_groups: group['lr'] = lr * group.get('lr_scale', 1.0)
             optimizer.zero_grad(set_to_none=True)
@@ -941,7 +958,15 @@ def label_csv_for(config: TrainConfig, datafile) -> Path | None:
     return None
 
 def clip_dataset(config: TrainConfig, datafile, mode: str, ctx: DistributedContext | None = None, max_clips: int = 0) -> Dataset:
-    "The clips of `datafile` as the model of `config` reads them, decoded once into memory when `config.cache` says so."
+    "The clips of `datafile` (or of a shards folder, streamed) as the model of `config` reads them, decoded once into memory when `config.cache` says so."
+    if is_shard_folder(datafile):
+        if mode != 'train': raise ValueError(f"{datafile}: shards feed training; evaluate on a datafile (eval_data)")
+        if config.model.frame_preset != 'released':
+            raise ValueError(f"{datafile}: shards hold the released extraction's frames, so the model must record that preset "
+                             f"(--model.frame_preset released; now {config.model.frame_preset!r}) to be fed the same frames later")
+        label_csv = Path(config.label_csv) if config.label_csv else None
+        classes = [mid for mid, _ in read_label_csv(label_csv)] if label_csv else None
+        return ShardDataset(datafile, 'train', config.preprocess(), classes=classes, seed=config.seed, augment=config.augment_frames)
     dataset = DatafileDataset(datafile, label_csv_for(config, datafile), mode=mode, config=config.preprocess(), skip_errors=config.skip_errors)
     if max_clips and len(dataset) > max_clips:                       # evenly spread subset (held-out evaluation)
         keep = np.unique(np.linspace(0, len(dataset) - 1, max_clips).round().astype(int))

@@ -86,3 +86,35 @@ def test_a_truncated_shard_is_named(collection, tmp_path):
     from cavmae_sync.config import MediaError
     with pytest.raises(MediaError, match='broken.tar') as error: list(ShardDataset([broken], 'eval', RELEASED))
     assert 'truncated' in str(error.value) or 'cut short' in str(error.value)
+
+
+def test_pretraining_streams_shards_and_resumes_bit_for_bit(clips, tmp_path):
+    """Pretraining reads shards with 2 DataLoader workers; killed right after the mid-epoch checkpoint at step 3, the resumed
+    run re-reads the epoch up to that step and ends with the uninterrupted run's losses and weights, bit for bit."""
+    import pandas as pd
+    from cavmae_sync.checkpoint import load_checkpoint
+    from cavmae_sync.shards import write_shards
+    from training_setup import MINI_MODEL, cli
+    (tmp_path / 'train').mkdir()
+    for video in sorted((clips / 'videos').glob('train_*.mp4')): (tmp_path / 'train' / video.name).symlink_to(video)
+    index = write_shards(tmp_path / 'train', tmp_path / 'shards', config=PreprocessConfig(num_frames=4, image_size=32), shard_bytes=1, progress=False)
+    assert len(index.shards) == 16
+    def run(out, **env):
+        args = [*MINI_MODEL, '--model.frame_preset', 'released', '--train_data', str(tmp_path / 'shards'), '--output_dir', str(out),
+                '--batch_size', '4', '--lr', '1e-3', '--lr_reference_batch', '4', '--log_every', '1', '--progress', 'false',
+                '--tensorboard', 'false', '--seed', '3', '--num_workers', '2', '--max_steps', '6', '--checkpoint_every', '3']
+        return subprocess.run(cli('cavmae-sync-pretrain') + args, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, 'OMP_NUM_THREADS': '1', **env})
+    whole = run(tmp_path / 'whole')
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    config = json.loads((tmp_path / 'whole' / 'config.json').read_text())
+    assert config['derived']['steps_per_epoch'] == 4                      # 16 clips, 2 readers x 8, micro-batches of 4
+    killed = run(tmp_path / 'killed', CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT='3')
+    assert killed.returncode == 137 and not (tmp_path / 'killed' / 'model.pt').exists()
+    resumed = subprocess.run(cli('cavmae-sync-pretrain') + ['--config', str(tmp_path / 'killed' / 'config.json'), '--resume', 'last'],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = [pd.read_csv(tmp_path / name / 'train_log.csv').set_index('step')['loss'] for name in ('whole', 'killed')]
+    assert list(losses[0].index) == list(range(1, 7)) and losses[0].equals(losses[1])
+    a, b = (load_checkpoint(tmp_path / name / 'model.pt').state_dict for name in ('whole', 'killed'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
