@@ -8,24 +8,17 @@ Usage: python bench/prepare.py [NUM_CLIPS]
 import json, statistics, sys, tempfile, time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from _media import write_upload_like_clips
 from cavmae_sync.data import probe_video
-from cavmae_sync.video import write_video
 
 
 def main():
     torch.set_num_threads(1)
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
-        clips = []
-        for k in range(count):
-            frames = np.repeat(rng.integers(0, 256, (1, 360, 640, 3), dtype=np.uint8), 250, axis=0)
-            frames[:, :, :, k % 3] = np.arange(250, dtype=np.uint8)[:, None, None]              # (250, 360, 640, 3): changes every frame
-            audio = 0.1 * rng.standard_normal((2, 441_000)).astype(np.float32)                     # 10 s stereo
-            clips.append(write_video(Path(folder) / f'clip{k}.mp4', frames, 25, audio, sample_rate=44_100))
+        clips = write_upload_like_clips(folder, count)
         for clip in clips: probe_video(clip)                                                       # warm-up
         rounds = []
         for _ in range(5):
