@@ -21,7 +21,7 @@ import torch
 
 from cavmae_sync.audio import load_audio
 from cavmae_sync.config import PreprocessConfig
-from cavmae_sync.data import load_clip, _audio_windows, _frame_transform, FBANK_SHIFT_SECONDS
+from cavmae_sync.data import load_clip, audio_windows, frame_transform, FBANK_SHIFT_SECONDS
 from cavmae_sync.video import read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,8 @@ def bench_clip(path, repeats):
         'load_clip': lambda: load_clip(path),
         'load_clip_released': lambda: load_clip(path, config=PreprocessConfig(frame_preset='released')),
         'read_frames': lambda: read_frames(path, config.num_frames, max_duration=config.target_length * FBANK_SHIFT_SECONDS),
-        'spectrogram_windows': lambda: _audio_windows(waveform, path, config, positions),
-        'frame_transform': lambda: _frame_transform(config.image_size, False)(frames),
+        'spectrogram_windows': lambda: audio_windows(waveform, path, config, positions),
+        'frame_transform': lambda: frame_transform(config.image_size, False)(frames),
     }, repeats)
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}

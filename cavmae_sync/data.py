@@ -30,17 +30,17 @@ from tqdm.auto import tqdm
 from .config import MediaError, PreprocessConfig, atomic_file
 from .audio import load_audio, clip_spectrogram, window_bounds
 from .video import (VIDEO_EXTENSIONS, check_media_file, read_frames, eval_transform, train_transform,
-                               FrameTransform, _pyav_frame_times, read_preset_frames, VideoFrames, EXTRACTION_QUALITY,
+                               FrameTransform, demux_frame_times, read_preset_frames, VideoFrames, EXTRACTION_QUALITY,
                                CAVMAE_EXTRACTED_FRAMES, CAVMAE_EVAL_FRAME, MISSING_FRAMES_ACCEPTED)
 
 _all_ = ['MediaError']
 
 # %% auto #0
-__all__ = ['FBANK_SHIFT_SECONDS', 'LABEL_CSV_NAME', 'resolve_config', 'video_id_of', 'Clip', 'read_clip_frames',
-           'read_clip_audio', 'load_clip', 'count_extracted_frames', 'load_clip_from_frames', 'find_videos',
-           'probe_video', 'extract_clip', 'read_video_labels', 'PreparedDataset', 'prepare_dataset', 'prepare_cli',
-           'ClipSource', 'collate_clips', 'ClipDataset', 'VideoDataset', 'read_label_csv', 'read_datafile',
-           'DatafileDataset', 'MediaError']
+__all__ = ['FBANK_SHIFT_SECONDS', 'LABEL_CSV_NAME', 'resolve_config', 'video_id_of', 'Clip', 'frame_transform', 'audio_windows',
+           'read_clip_frames', 'read_clip_audio', 'load_clip', 'count_extracted_frames', 'load_clip_from_frames',
+           'find_videos', 'probe_video', 'extract_clip', 'read_video_labels', 'PreparedDataset', 'prepare_dataset',
+           'prepare_cli', 'ClipSource', 'collate_clips', 'ClipDataset', 'VideoDataset', 'read_label_csv',
+           'read_datafile', 'DatafileDataset', 'MediaError']
 
 # %% ../nbs/03_data.ipynb #dd34f06f
 FBANK_SHIFT_SECONDS = 0.010   # the fbank's frame shift: spectrogram frame s starts at s * 10 ms
@@ -75,10 +75,10 @@ class Clip:
                 f"duration={self.duration:.2f}s, positions={self.positions.tolist()})")
 
 @functools.lru_cache(maxsize=16)
-def _frame_transform(image_size: int, train: bool) -> FrameTransform:
+def frame_transform(image_size: int, train: bool) -> FrameTransform:
     return train_transform(image_size) if train else eval_transform(image_size)
 
-def _audio_windows(waveform, audio_path, config, positions):
+def audio_windows(waveform, audio_path, config, positions):
     "Normalized spectrogram of the whole clip, cut into the windows of `positions`: ((K, L, mel), (K, 2))."
     try:
         spectrogram = clip_spectrogram(waveform, config.sample_rate, config.target_length, config.audio_mean,
@@ -129,8 +129,8 @@ def load_clip(path,                                  # a video file with a video
     path = check_media_file(path)
     video = read_clip_frames(path, config, positions, threads)                             # (K, H, W, 3) uint8
     waveform = read_clip_audio(path, config, audio_path)                                   # (N,) on the frames' timeline
-    audio, bounds = _audio_windows(waveform, audio_path or path, config, positions)
-    frames = _frame_transform(config.image_size, train)(video.frames.permute(0, 3, 1, 2))  # (K, 3, S, S)
+    audio, bounds = audio_windows(waveform, audio_path or path, config, positions)
+    frames = frame_transform(config.image_size, train)(video.frames.permute(0, 3, 1, 2))  # (K, 3, S, S)
     return Clip(frames=frames, audio=audio, video_id=video_id_of(path), path=str(path), frame_times=video.times,
                 duration=video.duration, window_bounds=bounds, positions=torch.tensor(positions))
 
@@ -175,11 +175,11 @@ def load_clip_from_frames(frame_root,                     # `video_path` of the 
     if config.frame_preset == 'cavmae' and config.num_frames == 1:                         # CAV-MAE evaluates on the middle frame
         chosen = [min(CAVMAE_EVAL_FRAME, extracted - 1)]
     images = [_read_jpeg(frame_root / f'frame_{i}' / f'{video_id}.jpg') for i in chosen]   # K x (3, H, W) uint8
-    transform = _frame_transform(config.image_size, train)
+    transform = frame_transform(config.image_size, train)
     if len({im.shape for im in images}) == 1: frames = transform(torch.stack(images))      # (K, 3, S, S)
     else: frames = torch.stack([transform(im) for im in images])
     waveform = load_audio(wav_path, config.sample_rate)
-    audio, bounds = _audio_windows(waveform, wav_path, config, positions)
+    audio, bounds = audio_windows(waveform, wav_path, config, positions)
     duration = min(waveform.shape[0] / config.sample_rate, config.target_length * FBANK_SHIFT_SECONDS)
     frame_times = torch.tensor([i * duration / extracted for i in chosen], dtype=torch.float64)
     return Clip(frames=frames, audio=audio, video_id=video_id, path=str(frame_root), frame_times=frame_times,
@@ -201,7 +201,7 @@ def probe_video(path) -> int:
     "Cheap validity check without decoding (metadata and one demux pass): the file opens, has an audio stream and a readable video stream; returns its missing frames."
     path = check_media_file(path)
     counts = {}
-    _pyav_frame_times(path, threads=1, counts=counts)        # no video stream / no frames / truncated (`check_frames_present`)
+    demux_frame_times(path, threads=1, counts=counts)        # no video stream / no frames / truncated (`check_frames_present`)
     with av.open(str(path)) as container:
         if not container.streams.audio: raise MediaError(path, 'no audio stream')
     return counts['missing']

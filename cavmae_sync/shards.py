@@ -17,9 +17,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import PreprocessConfig, MediaError, atomic_file
-from .audio import clip_spectrogram, window_bounds
 from .video import read_preset_frames, eval_transform, train_transform
-from .data import find_videos, video_id_of, probe_video, read_video_labels, read_clip_audio
+from .data import find_videos, video_id_of, probe_video, read_video_labels, read_clip_audio, audio_windows
 
 # %% auto #0
 __all__ = ['SHARD_BYTES', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'read_samples', 'is_shard_folder',
@@ -239,11 +238,9 @@ class ShardDataset(IterableDataset):
             torch.manual_seed(int(rng.integers(2**63)))
             frames = self.transform(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))        # (K, 3, S, S)
         pcm, rate = soundfile.read(io.BytesIO(files['wav']), dtype='int16')
+        if rate != self.config.sample_rate: raise MediaError(shard or key, f"sample {key}: a {rate} Hz wav, the config reads {self.config.sample_rate} Hz")
         waveform = torch.from_numpy(pcm.astype(np.float32) / 32768)                               # (N,)
-        c = self.config
-        spectrogram = clip_spectrogram(waveform, rate, c.target_length, c.audio_mean, c.audio_std, c.num_mel_bins)   # (S, mel)
-        starts = window_bounds(spectrogram.shape[0], T, c.window)[positions, 0]                   # (K,)
-        audio = spectrogram[starts[:, None] + torch.arange(c.window)]                              # (K, L, mel)
+        audio, _ = audio_windows(waveform, f'{shard}:{key}', self.config, positions)               # (K, L, mel), as `load_clip` cuts them
         item = ({'frames': frames[0], 'audio': audio[0], 'frame_index': positions[0]} if self.mode == 'train'
                 else {'frames': frames, 'audio': audio})
         item['video_id'] = meta['video_id']

@@ -24,8 +24,8 @@ from .config import MediaError, NUM_FRAMES, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_
 # %% auto #0
 __all__ = ['VIDEO_EXTENSIONS', 'MISSING_FRAMES_ACCEPTED', 'MISSING_FRAMES_FRACTION', 'MAX_FRAME_PIXELS', 'FRAME_PRESETS',
            'EXTRACTION_QUALITY', 'CAVMAE_EXTRACTED_FRAMES', 'CAVMAE_EVAL_FRAME', 'write_video', 'sample_times',
-           'frames_on_screen', 'check_media_file', 'VideoFrames', 'check_frames_present', 'check_frame_size',
-           'read_frames', 'ReleasedPipelineWarning', 'check_frame_preset', 'declared_frame_count',
+           'frames_on_screen', 'check_media_file', 'VideoFrames', 'check_frames_present', 'demux_frame_times',
+           'check_frame_size', 'read_frames', 'ReleasedPipelineWarning', 'check_frame_preset', 'declared_frame_count',
            'preset_frame_indices', 'released_crop', 'jpeg_round_trip', 'read_preset_frames', 'FrameTransform',
            'eval_transform', 'train_transform', 'unnormalize']
 
@@ -154,7 +154,7 @@ def check_frames_present(path,            # the video, for the message
         raise MediaError(path, f'truncated video stream: {present} of the {declared} declared frames are present')
     return missing
 
-def _pyav_frame_times(path, threads, counts: dict | None = None):
+def demux_frame_times(path, threads, counts: dict | None = None):
     "Presentation times (N,) of the frames PyAV outputs, and the average frame rate; `counts` receives 'missing' (declared, absent)."
     with _open_pyav(path) as container:
         if not container.streams.video: raise MediaError(path, 'no video stream')
@@ -247,7 +247,7 @@ def read_frames(path,                            # a video file decord or PyAV c
         fps, backend = float(reader.get_avg_fps()), 'decord'
     if frame_times is None:
         reader = None
-        frame_times, fps = _pyav_frame_times(path, threads)
+        frame_times, fps = demux_frame_times(path, threads)
         video_duration, backend = float(frame_times[-1] + 1 / fps), 'pyav'
     duration = video_duration if max_duration is None else min(video_duration, float(max_duration))
     times = sample_times(duration, num_frames)                        # (T,)
@@ -338,7 +338,7 @@ def read_preset_frames(path,                           # a video file
     path = check_media_file(path)
     positions = _frame_positions(positions, num_frames)
     declared, fps = declared_frame_count(path, MAX_FRAME_PIXELS)
-    _pyav_frame_times(path, threads)                                                 # truncation is an error here too (demux only)
+    demux_frame_times(path, threads)                                                 # truncation is an error here too (demux only)
     wanted = preset_frame_indices(preset, declared, fps, num_frames)                # (T,)
     images, decodable = _pyav_decode_indices(path, wanted[positions], threads, colorspace='ITU601')   # BT.601, as OpenCV converts
     if not images: raise MediaError(path, 'no video frame could be decoded')

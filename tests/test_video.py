@@ -7,7 +7,7 @@ from PIL import Image
 
 from cavmae_sync.config import MediaError, IMAGENET_MEAN, IMAGENET_STD
 from cavmae_sync.video import (read_frames, sample_times, frames_on_screen, eval_transform, train_transform,
-                               unnormalize, write_video, _pyav_decode, _pyav_frame_times)
+                               unnormalize, write_video, _pyav_decode, demux_frame_times)
 from media_factory import write_clip, numbered_frames, frame_number, shift_before_zero, truncate, pyav_frames
 
 
@@ -56,7 +56,7 @@ def test_positions_max_duration_and_repeats(clip):
 
 def test_pyav_path_matches_decord(clip):
     video = read_frames(clip, 16)
-    times, fps = _pyav_frame_times(clip, threads=1)
+    times, fps = demux_frame_times(clip, threads=1)
     assert len(times) == 60 and fps == pytest.approx(15)
     assert torch.equal(torch.from_numpy(_pyav_decode(clip, video.indices.numpy(), threads=1)), video.frames)
 
