@@ -97,24 +97,28 @@ viewer'''
     return path
 
 
+PANEL = "Array.from(window.jupyterapp.shell.widgets('main')).find(w => w.sessionContext)"
 IMAGE_SRC = "(() => { const im = document.querySelector('.jp-OutputArea-output img'); return im ? im.src.length + ':' + im.src.slice(-64) : null; })()"
 
 
-def run(out_first, out_stepped, clip, checkpoint=None, step_to=8, timeout=180):
+def run(out_first, out_stepped, clip, checkpoint=None, step_to=8, timeout=180, keep=False):
     "Screenshots of the viewer at frame 0 and at frame `step_to`; returns what the page showed."
     browser = chromium_binary()
     if browser is None: raise FileNotFoundError('no chromium binary (apt-get install chromium)')
     work = Path(tempfile.mkdtemp(prefix='viewer_'))
     viewer_notebook(work, clip, checkpoint)
     lab_port, debug_port = free_port(), free_port()
-    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(work / 'config'), 'JUPYTER_RUNTIME_DIR': str(work / 'runtime'), 'MPLBACKEND': 'Agg'}
+    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(work / 'config'), 'JUPYTER_RUNTIME_DIR': str(work / 'runtime'),
+           'JUPYTER_DATA_DIR': str(work / 'data'), 'MPLBACKEND': 'Agg'}     # nothing written outside the scratch folder
     lab = subprocess.Popen([sys.executable, '-m', 'jupyter', 'lab', '--no-browser', f'--port={lab_port}', '--ip=127.0.0.1',
                             '--allow-root', f'--ServerApp.root_dir={work}', "--IdentityProvider.token=", '--ServerApp.password=',
                             '--LabApp.expose_app_in_browser=True', '--ServerApp.disable_check_xsrf=True'],
                            cwd=work, env=env, stdout=open(work / 'lab.log', 'w'), stderr=subprocess.STDOUT)
     chrome = subprocess.Popen([browser, '--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
                                f'--remote-debugging-port={debug_port}', f'--user-data-dir={work / "chrome"}', '--window-size=1400,1100',
-                               '--hide-scrollbars', 'about:blank'], stdout=open(work / 'chrome.log', 'w'), stderr=subprocess.STDOUT)
+                               '--hide-scrollbars', 'about:blank'], stdout=open(work / 'chrome.log', 'w'), stderr=subprocess.STDOUT,
+                              env={**os.environ, 'HOME': str(work / 'home'), 'XDG_CONFIG_HOME': str(work / 'home' / '.config'),
+                                   'XDG_CACHE_HOME': str(work / 'home' / '.cache')})   # crash reports, dconf: not in the user's home
     try:
         wait_http(f'http://127.0.0.1:{lab_port}/api/status', 90)
         pages = json.loads(wait_http(f'http://127.0.0.1:{debug_port}/json', 60))
@@ -122,14 +126,16 @@ def run(out_first, out_stepped, clip, checkpoint=None, step_to=8, timeout=180):
         tools = DevTools(page['webSocketDebuggerUrl'])
         tools.call('Page.enable')
         tools.call('Page.navigate', url=f'http://127.0.0.1:{lab_port}/lab/tree/viewer.ipynb')
-        tools.wait_for("(() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget; "
-                       "return !!(w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel "
+        tools.wait_for(f"(() => {{ const w = {PANEL}; return !!(w && w.sessionContext.session && w.sessionContext.session.kernel "
                        "&& w.sessionContext.session.kernel.status === 'idle'); })()", timeout, 'the notebook opening with an idle kernel')
+        # headless, the window never has the focus, so nothing is "current" until it is activated
+        tools.evaluate(f"(() => {{ const w = {PANEL}; window.jupyterapp.shell.activateById(w.id); window.jupyterapp.shell.collapseLeft(); "
+                       "for (const b of document.querySelectorAll('.jp-toast-button')) if (b.textContent.trim() === 'No') b.click(); return true; })()")
         tools.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')", await_promise=True)
         first = tools.wait_for(IMAGE_SRC, timeout, "the viewer's image appearing")
         time.sleep(1.0)
         tools.screenshot(out_first)
-        tools.evaluate(f"window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.requestExecute("
+        tools.evaluate(f"{PANEL}.sessionContext.session.kernel.requestExecute("
                        f"{{code: 'viewer.slider.value = {int(step_to)}'}}).done.then(() => true)", await_promise=True)
         stepped = tools.wait_for(f"(() => {{ const s = {IMAGE_SRC}; return s && s !== {json.dumps(first)} ? s : null; }})()", timeout,
                                  f'the image changing to frame {step_to}')
@@ -137,12 +143,14 @@ def run(out_first, out_stepped, clip, checkpoint=None, step_to=8, timeout=180):
         time.sleep(1.0)
         tools.screenshot(out_stepped)
         errors = tools.evaluate("document.querySelectorAll('.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.stderr\"]').length")
-        return {'first_image': first, 'stepped_image': stepped, 'slider_readout': slider, 'stderr_outputs': errors, 'work': str(work)}
+        return {'first_image': first, 'stepped_image': stepped, 'slider_readout': slider, 'stderr_outputs': errors,
+                'work': str(work) if keep else None}
     finally:
         chrome.terminate(); lab.terminate()
         for process in (chrome, lab):
             try: process.wait(20)
             except subprocess.TimeoutExpired: process.kill()
+        if not keep: shutil.rmtree(work, ignore_errors=True)      # the notebook, the browser profile, the logs
 
 
 def default_clip():
@@ -160,7 +168,8 @@ if __name__ == '__main__':
     parser.add_argument('--clip', default=None)
     parser.add_argument('--checkpoint', default=None)
     parser.add_argument('--frame', type=int, default=8)
+    parser.add_argument('--keep', action='store_true', help='keep the scratch folder (notebook, logs, browser profile)')
     args = parser.parse_args()
     out = Path(args.out)
     stepped = out.with_name(out.stem + '_stepped' + out.suffix)
-    print(json.dumps(run(out, stepped, args.clip or default_clip(), args.checkpoint, args.frame), indent=1))
+    print(json.dumps(run(out, stepped, args.clip or default_clip(), args.checkpoint, args.frame, keep=args.keep), indent=1))

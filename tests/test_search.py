@@ -167,3 +167,13 @@ def test_cli(folder, model, tmp_path):
     assert code == 2 and 'nothing.index' in err
     code, _, err = _run(index_cli, [str(folder), '--checkpoint', str(tmp_path / 'absent.pt')])
     assert code == 2 and 'absent.pt' in err
+
+
+def test_audio_only_query(tmp_path, model):
+    import soundfile
+    from cavmae_sync.audio import load_audio
+    clip = random_clip(tmp_path / 'clip.mp4', 5)
+    soundfile.write(str(tmp_path / 'sound.wav'), load_audio(clip, 16000, align_to_video=True).numpy(), 16000)
+    from_wav, from_video = embed_audio_file(tmp_path / 'sound.wav', model), embed_audio_file(clip, model)
+    assert from_wav.shape == from_video.shape and (from_wav * from_video).sum(-1).min() > 0.99   # the same sound, the same windows
+    with pytest.raises(Exception, match='absent.wav'): embed_audio_file(tmp_path / 'absent.wav', model)

@@ -1,7 +1,6 @@
 """Audio-visual offset (`cavmae_sync.sync`): the sign convention and known offsets on a time-coded clip read by a model
 whose answer is known, the batched windows against a brute-force computation, edge cases and the CLI."""
 import contextlib, io, json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from cavmae_sync.audio import load_audio
 from cavmae_sync.checkpoint import save_checkpoint
 from cavmae_sync.model import CAVMAESync, tiny
 from cavmae_sync.retrieval import model_preprocess_config
-from cavmae_sync.sync import (OffsetInputs, TimeCodedModel, av_offset, cached_tiny_model, decode_for_offset, offset_cli, offset_grid,
+from cavmae_sync.sync import (TimeCodedModel, av_offset, cached_tiny_model, decode_for_offset, offset_cli, offset_grid,
                               score_offsets, shift_waveform, time_coded_clip, window_plan, write_shifted_clip, num_fbank_frames)
 from cavmae_sync.audio import kaldi_fbank
 from cavmae_sync.video import write_video
