@@ -12,7 +12,7 @@ from typing import Iterator
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
-           'data_dir', 'shared_required', 'shared_dir', 'remove_stale_partials', 'atomic_file']
+           'data_dir', 'file_identity', 'shared_required', 'shared_dir', 'remove_stale_partials', 'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -76,6 +76,15 @@ def project_root() -> Path:
 def data_dir() -> Path:
     "Folder for generated data sets, caches and trained models: `$CAVMAE_SYNC_DATA` or `<repo>/data`."
     return Path(os.environ.get('CAVMAE_SYNC_DATA') or project_root() / 'data')
+
+def file_identity(path,                   # a media or data file
+                  with_path: bool = True,  # include the resolved path (False: size and time only, for indexes that may move)
+                 ) -> str:
+    "Size and modification time (ns) of a file, with its path: a file replaced under the same name gets another identity; caches key on it."
+    try: info = os.stat(path)
+    except OSError: return f'{path}|missing' if with_path else 'missing'
+    stamp = f'{info.st_size}|{info.st_mtime_ns}'
+    return f'{Path(path).resolve()}|{stamp}' if with_path else stamp
 
 def shared_required() -> bool:
     "Whether the reference data must be present: under CI (`$CI`) or when `$CAVMAE_SYNC_REQUIRE_SHARED` is set."

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .config import PreprocessConfig
+from .config import PreprocessConfig, file_identity
 from .checkpoint import atomic_torch_save, safe_load
 
 # %% auto #0
@@ -243,11 +243,6 @@ def _clip_sources(dataset) -> list | None:
     sources = getattr(dataset, 'sources', None)
     return list(sources) if isinstance(sources, (list, tuple)) else None
 
-def _stat_entry(path) -> str:
-    try: info = os.stat(path)
-    except OSError: return f'{path}|missing'
-    return f'{path}|{info.st_size}|{info.st_mtime_ns}'
-
 def media_fingerprint(dataset) -> str | None:
     "A hash of the path, size and modification time (ns) of every media file behind a data set's clips; None when it names none."
     sources = _clip_sources(dataset)
@@ -256,7 +251,7 @@ def media_fingerprint(dataset) -> str | None:
     for source in sources:
         for attribute in ('video', 'audio'):
             path = getattr(source, attribute, None)
-            if path is not None: digest.update(_stat_entry(path).encode() + b'\n')
+            if path is not None: digest.update(file_identity(path).encode() + b'\n')
         root = getattr(source, 'frame_root', None)
         if root is not None:                                               # pre-extracted layout: root/frame_{i}/{video_id}.jpg
             if root not in frame_folders:
@@ -264,7 +259,7 @@ def media_fingerprint(dataset) -> str | None:
                 except OSError: frame_folders[root] = []
             digest.update(f'{root}|{len(frame_folders[root])} frame folders\n'.encode())
             for folder in frame_folders[root]:
-                digest.update(_stat_entry(Path(root) / folder / f'{source.video_id}.jpg').encode() + b'\n')
+                digest.update(file_identity(Path(root) / folder / f'{source.video_id}.jpg').encode() + b'\n')
     return digest.hexdigest()
 
 def dataset_fingerprint(dataset) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import MediaError
+from .config import MediaError, file_identity
 from .audio import clip_spectrogram, frame_windows
 from .data import find_videos, read_clip_audio
 from .video import check_media_file, eval_transform
@@ -22,17 +22,12 @@ from .checkpoint import atomic_torch_save, safe_load, load_model_file
 from .retrieval import embed_video, model_fingerprint, model_preprocess_config, evaluation_autocast
 
 # %% auto #0
-__all__ = ['INDEX_FORMAT', 'AGAINST', 'media_identity', 'SearchHit', 'ClipIndex', 'embed_file', 'build_index', 'embed_audio_file',
+__all__ = ['INDEX_FORMAT', 'AGAINST', 'SearchHit', 'ClipIndex', 'embed_file', 'build_index', 'embed_audio_file',
            'embed_image_file', 'query_vector', 'search_files', 'index_cli', 'search_cli']
 
 # %% ../nbs/14_search.ipynb #b2279908
 INDEX_FORMAT = 'cavmae_sync.ClipIndex/1'
 AGAINST = ('video', 'audio')
-
-def media_identity(path) -> str:
-    "Size and modification time (ns) of a file: a clip whose file changes is embedded again."
-    stat = Path(path).stat()
-    return f'{stat.st_size}-{stat.st_mtime_ns}'
 
 @dataclass
 class SearchHit:
@@ -47,7 +42,7 @@ class ClipIndex:
     audio: torch.Tensor           # (N, T, D) float16, L2-normalized per frame
     video: torch.Tensor           # (N, T, D) float16
     paths: list[str]              # N clip paths relative to `root`
-    identities: list[str]         # N `media_identity` of the files when embedded
+    identities: list[str]         # N `config.file_identity` (size, time) of the files when embedded
     root: str                     # the indexed folder
     fingerprint: str              # `model_fingerprint` of the model that made it
     checkpoint: str = ''          # the model file, to embed queries with
@@ -144,7 +139,7 @@ def build_index(folder,                    # the clips (searched recursively)
                                  "pass overwrite=True (--overwrite) to rebuild it, or choose another index file")
             continue
         entries.update(_entries(old))
-    current = {rel: media_identity(p) for rel, p in zip(order, paths)}
+    current = {rel: file_identity(p, with_path=False) for rel, p in zip(order, paths)}
     entries = {p: e for p, e in entries.items() if current.get(p) == e[2]}     # gone or changed files are dropped
     skipped = {}                                                      # files skipped before are tried again (they may be fixed)
     todo = [(rel, p) for rel, p in zip(order, paths) if rel not in entries]

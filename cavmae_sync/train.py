@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler
 
-from .config import PreprocessConfig, MediaError, data_dir, atomic_file
+from .config import PreprocessConfig, MediaError, data_dir, atomic_file, file_identity
 from .audio import clip_spectrogram, window_bounds
 from .video import check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
 from .data import (ClipDataset, DatafileDataset, ClipSource, collate_clips, LABEL_CSV_NAME,
@@ -32,8 +32,8 @@ __all__ = ['MODEL_PRESETS', 'RESUME_FREE_SETTINGS', 'PRETRAINING_ONLY_FIELDS', '
            'config_from_args', 'lr_factor', 'peak_lr', 'ResumableDistributedSampler', 'seeded_global_rngs',
            'SeededSamples', 'NonFiniteLossError', 'check_finite', 'DistributedContext', 'setup_distributed', 'RunLog',
            'TrainTask', 'FitResult', 'default_param_groups', 'resolve_precision', 'output_dir_lock',
-           'save_training_state', 'load_training_state', 'fit', 'media_identity', 'CacheBudgetExceeded', 'DecodedMedia',
-           'decode_clips', 'DecodedClips', 'CentreCropTraining', 'dataset_targets', 'label_csv_for', 'clip_dataset',
+           'save_training_state', 'load_training_state', 'fit', 'CacheBudgetExceeded', 'DecodedMedia', 'decode_clips',
+           'DecodedClips', 'CentreCropTraining', 'dataset_targets', 'label_csv_for', 'clip_dataset',
            'retrieval_evaluation', 'PretrainResult', 'pretrain', 'spec_augment', 'mixup', 'classification_loss',
            'FinetuneResult', 'finetune', 'clip_features', 'pretrain_cli', 'finetune_cli', 'tiny_pretrain_config',
            'measure_pretraining', 'pretrained_tiny']
@@ -837,13 +837,6 @@ class _RawClips(Dataset):
         try: return i, _decode_raw(self.sources[i], self.config), None
         except MediaError as e: return i, None, (e.path, e.reason)
 
-def media_identity(path) -> tuple:
-    "A file's path, size and modification time: a file replaced under the same name has another identity."
-    if path is None: return (None,)
-    try: stat = os.stat(path)
-    except OSError: return (str(path), None, None)                  # missing: decoding it reports the error
-    return (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
 class CacheBudgetExceeded(MemoryError):
     "Decoding a set for the in-memory cache went past its byte budget (`cache_max_gb`)."
 
@@ -868,7 +861,8 @@ def decode_clips(sources: list,                    # ClipSource of video files
                  max_bytes: float | None = None,   # stop with `CacheBudgetExceeded` once the decoded clips take more than this
                 ) -> DecodedMedia:
     "Decode every source once; remembered (by file identity, so replaced files are decoded again) for the last two sets."
-    key = (tuple((media_identity(s.video), media_identity(s.audio)) for s in sources), tuple(sorted(config.to_dict().items())), skip_errors)
+    identity = lambda path: None if path is None else file_identity(path)       # a replaced file is decoded again
+    key = (tuple((identity(s.video), identity(s.audio)) for s in sources), tuple(sorted(config.to_dict().items())), skip_errors)
     if key in _DECODED:
         if max_bytes is not None and _DECODED[key].nbytes > max_bytes:
             raise CacheBudgetExceeded(f"decoded clips take {_DECODED[key].nbytes / 2**30:.2f} GB, more than {max_bytes / 2**30:.2f} GB")
