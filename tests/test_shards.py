@@ -63,7 +63,7 @@ for epoch in range(2):
 json.dump(epochs, open(sys.argv[1] + f'.{{dist.get_rank()}}', 'w'))
 dist.destroy_process_group()
 """)
-    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517', str(script),
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script),
                            str(tmp_path / 'seen')], capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f'seen.{r}').read_text()) for r in range(2)]
