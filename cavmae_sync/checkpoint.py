@@ -160,7 +160,7 @@ def file_sha256(path) -> str:
 
 def describe_architecture(config: ModelConfig) -> str:
     "CAV-MAE Sync (frame-aligned windows, global / register tokens) or the CAV-MAE baseline, as the weights say."
-    if config.global_tokens or config.num_registers or config.audio_length < TARGET_LENGTH:
+    if not config.is_cavmae_baseline:
         parts = [f"{config.audio_length}-frame audio windows", f"{config.num_registers} register tokens",
                  'global tokens' if config.global_tokens else 'no global tokens (mean-pooled features)']
         if config.contrastive_heads: parts.append('contrastive heads')

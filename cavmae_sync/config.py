@@ -12,7 +12,8 @@ from typing import Iterator
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
-           'data_dir', 'file_identity', 'shared_required', 'shared_dir', 'remove_stale_partials', 'atomic_file']
+           'data_dir', 'file_identity', 'shared_required', 'shared_dir', 'process_alive', 'remove_stale_partials',
+           'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -106,7 +107,8 @@ def shared_dir(required: bool | None = None,  # None: required under CI (see `sh
 # %% ../nbs/00_config.ipynb #9fa68819
 _HOST = socket.gethostname().replace('-', '_').replace('.', '_') or 'host'
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    "Whether a process of this host with this pid exists (a signal-0 probe)."
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True          # alive, owned by another user
@@ -119,7 +121,7 @@ def remove_stale_partials(path,                 # the target file whose leftover
     for partial in path.parent.glob(f'.{glob.escape(path.name)}.*.partial'):
         writer = partial.name[len(path.name) + 2:-len('.partial')].rsplit('-', 2)      # [host, pid, random]
         if len(writer) != 3 or writer[0] != _HOST or not writer[1].isdigit(): continue  # another host's or not ours: leave it
-        if not _pid_alive(int(writer[1])):
+        if not process_alive(int(writer[1])):
             partial.unlink(missing_ok=True); removed.append(partial)
     return removed
 

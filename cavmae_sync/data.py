@@ -8,6 +8,7 @@ import argparse
 import csv
 import dataclasses
 import functools
+import io
 import json
 import multiprocessing
 import os
@@ -38,9 +39,9 @@ _all_ = ['MediaError']
 # %% auto #0
 __all__ = ['FBANK_SHIFT_SECONDS', 'LABEL_CSV_NAME', 'resolve_config', 'video_id_of', 'Clip', 'frame_transform', 'audio_windows',
            'read_clip_frames', 'read_clip_audio', 'load_clip', 'count_extracted_frames', 'load_clip_from_frames',
-           'find_videos', 'probe_video', 'extract_clip', 'read_video_labels', 'PreparedDataset', 'prepare_dataset',
-           'prepare_cli', 'ClipSource', 'collate_clips', 'ClipDataset', 'VideoDataset', 'read_label_csv',
-           'read_datafile', 'DatafileDataset', 'MediaError']
+           'find_videos', 'probe_video', 'ReleasedExtraction', 'released_extraction', 'extract_clip',
+           'read_video_labels', 'PreparedDataset', 'prepare_dataset', 'prepare_cli', 'ClipSource', 'collate_clips',
+           'ClipDataset', 'VideoDataset', 'read_label_csv', 'read_datafile', 'DatafileDataset', 'MediaError']
 
 # %% ../nbs/03_data.ipynb #dd34f06f
 FBANK_SHIFT_SECONDS = 0.010   # the fbank's frame shift: spectrogram frame s starts at s * 10 ms
@@ -206,6 +207,27 @@ def probe_video(path) -> int:
         if not container.streams.audio: raise MediaError(path, 'no audio stream')
     return counts['missing']
 
+@dataclass
+class ReleasedExtraction:
+    "What the released extraction stores for one clip: its frames as JPEG files, its first channel as a 16-bit wav file."
+    jpegs: list                # T JPEG files' bytes: frame_0 ... frame_{T-1}
+    wav: bytes                 # the wav file's bytes (PCM 16-bit at config.sample_rate, on the frames' timeline)
+
+def released_extraction(path,                                    # a video file
+                        config: PreprocessConfig | None = None,  # num_frames, image_size, sample rate; frame_preset 'cavmae': CAV-MAE's 10 frames
+                        quality: int = EXTRACTION_QUALITY,       # JPEG quality (the released extraction: PIL's default 75)
+                       ) -> ReleasedExtraction:
+    "The files the released extractor writes for one clip, byte for byte: `--extract` writes them out, shards pack them."
+    config = config or PreprocessConfig()
+    preset = 'cavmae' if config.frame_preset == 'cavmae' else 'released'
+    count = CAVMAE_EXTRACTED_FRAMES if preset == 'cavmae' else config.num_frames
+    video = read_preset_frames(path, preset, count, image_size=config.image_size, quality=quality)
+    waveform = read_clip_audio(path, PreprocessConfig(**{**config.to_dict(), 'frame_preset': preset}))   # k / 32768, k int16
+    wav = io.BytesIO()
+    soundfile.write(wav, (waveform * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy(), config.sample_rate,
+                    subtype='PCM_16', format='WAV')
+    return ReleasedExtraction(video.jpegs, wav.getvalue())
+
 def extract_clip(path, out_dir,
                  config: PreprocessConfig | None = None,  # num_frames, image_size, sample rate; frame_preset 'cavmae' for CAV-MAE's layout
                  quality: int = EXTRACTION_QUALITY,       # JPEG quality (the released extraction: PIL's default 75)
@@ -213,15 +235,11 @@ def extract_clip(path, out_dir,
     "Write one video in the official layout under `out_dir`, as the released extractor writes it; return its datafile row (without labels)."
     config, path, out_dir = config or PreprocessConfig(), Path(path), Path(out_dir)
     video_id = video_id or video_id_of(path)
-    preset = 'cavmae' if config.frame_preset == 'cavmae' else 'released'
-    count = CAVMAE_EXTRACTED_FRAMES if preset == 'cavmae' else config.num_frames
-    video = read_preset_frames(path, preset, count, image_size=config.image_size, quality=quality)   # the released jpgs, byte for byte
-    waveform = load_audio(path, config.sample_rate, pcm16=True, align_to_video=True)      # k / 32768, k int16, on the frames' timeline
-    pcm = (waveform * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
-    for t, jpeg in enumerate(video.jpegs):
+    extraction = released_extraction(path, config, quality)
+    for t, jpeg in enumerate(extraction.jpegs):
         _atomic_write(out_dir / 'frames' / f'frame_{t}' / f'{video_id}.jpg', jpeg)
     wav_path = out_dir / 'audio' / f'{video_id}.wav'
-    with atomic_file(wav_path) as partial: soundfile.write(str(partial), pcm, config.sample_rate, subtype='PCM_16', format='WAV')
+    _atomic_write(wav_path, extraction.wav)
     return {'video_id': video_id, 'wav': str(wav_path.resolve()), 'video_path': str((out_dir / 'frames').resolve())}
 
 def _prepare_one(task):

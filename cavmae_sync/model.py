@@ -83,6 +83,11 @@ class ModelConfig:
             raise ValueError("ModelConfig.global_local_contrast needs global_tokens=True (without them the contrast is already local)")
 
     @property
+    def is_cavmae_baseline(self) -> bool:
+        "The CAV-MAE architecture: one whole-clip spectrogram, no global or register tokens (else CAV-MAE Sync's)."
+        return self.audio_length >= TARGET_LENGTH and not self.global_tokens and not self.num_registers
+
+    @property
     def audio_grid(self) -> tuple[int, int]:
         "(frequency rows, time columns) of the audio patch grid."
         return self.num_mel_bins // self.patch_size, self.audio_length // self.patch_size

@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import PreprocessConfig, MediaError, atomic_file
-from .video import read_preset_frames, eval_transform, train_transform
-from .data import find_videos, video_id_of, probe_video, read_video_labels, read_clip_audio, audio_windows
+from .video import eval_transform, train_transform
+from .data import find_videos, video_id_of, read_video_labels, released_extraction, audio_windows
 
 # %% auto #0
 __all__ = ['SHARD_BYTES', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'read_samples', 'is_shard_folder',
@@ -68,17 +68,11 @@ def clip_sample(path,                              # a video file
                 config: PreprocessConfig | None = None,   # num_frames, image_size, sample_rate
                ) -> dict[str, bytes]:              # {file name in the tar: content}
     "The files of one clip's sample: its T released-preset JPEG frames, its 16-bit wav and its metadata."
-    config = config or PreprocessConfig()
-    released = PreprocessConfig(**{**config.to_dict(), 'frame_preset': 'released'})
-    probe_video(path)                                                            # the readability rule of `prepare`
-    frames = read_preset_frames(path, 'released', released.num_frames, image_size=released.image_size)
-    waveform = read_clip_audio(path, released)                                   # (N,) k / 32768, on the frames' timeline
-    wav = io.BytesIO()
-    soundfile.write(wav, (waveform * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy(), released.sample_rate,
-                    subtype='PCM_16', format='WAV')
+    released = PreprocessConfig(**{**(config or PreprocessConfig()).to_dict(), 'frame_preset': 'released'})
+    extraction = released_extraction(path, released)     # reading it applies `prepare`'s readability rule (truncation, no audio)
     meta = {'video_id': video_id, 'labels': list(labels), 'source': str(path), 'num_frames': released.num_frames,
             'sample_rate': released.sample_rate, 'frame_preset': 'released'}
-    return {**{f'{key}.f{t:02d}.jpg': jpeg for t, jpeg in enumerate(frames.jpegs)}, f'{key}.wav': wav.getvalue(),
+    return {**{f'{key}.f{t:02d}.jpg': jpeg for t, jpeg in enumerate(extraction.jpegs)}, f'{key}.wav': extraction.wav,
             f'{key}.json': json.dumps(meta).encode()}
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes):

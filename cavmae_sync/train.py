@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler
 
-from .config import PreprocessConfig, MediaError, data_dir, atomic_file, file_identity
+from .config import PreprocessConfig, MediaError, data_dir, atomic_file, file_identity, process_alive
 from .audio import clip_spectrogram, window_bounds
 from .video import check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
 from .data import (ClipDataset, DatafileDataset, ClipSource, collate_clips, LABEL_CSV_NAME,
@@ -32,8 +32,8 @@ __all__ = ['MODEL_PRESETS', 'RESUME_FREE_SETTINGS', 'PRETRAINING_ONLY_FIELDS', '
            'config_from_args', 'lr_factor', 'peak_lr', 'ResumableDistributedSampler', 'seeded_global_rngs',
            'SeededSamples', 'NonFiniteLossError', 'check_finite', 'DistributedContext', 'setup_distributed', 'RunLog',
            'TrainTask', 'FitResult', 'default_param_groups', 'resolve_precision', 'output_dir_lock',
-           'save_training_state', 'load_training_state', 'fit', 'CacheBudgetExceeded', 'DecodedMedia', 'decode_clips',
-           'DecodedClips', 'CentreCropTraining', 'dataset_targets', 'label_csv_for', 'clip_dataset',
+           'save_training_state', 'load_training_state', 'fit', 'CacheBudgetExceeded', 'decoded_nbytes', 'DecodedMedia',
+           'decode_clips', 'DecodedClips', 'CentreCropTraining', 'dataset_targets', 'label_csv_for', 'clip_dataset',
            'retrieval_evaluation', 'PretrainResult', 'pretrain', 'spec_augment', 'mixup', 'classification_loss',
            'FinetuneResult', 'finetune', 'clip_features', 'pretrain_cli', 'finetune_cli', 'tiny_pretrain_config',
            'measure_pretraining', 'pretrained_tiny']
@@ -607,11 +607,7 @@ def output_dir_lock(out: Path, active: bool = True):
         try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
-            alive = host != socket.gethostname() or not pid.isdigit()
-            if not alive:
-                try: os.kill(int(pid), 0); alive = True
-                except ProcessLookupError: alive = False
-                except PermissionError: alive = True
+            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))   # another host's: assume alive
             if alive or attempt:
                 raise FileExistsError(f"{out}: another run is writing to this output_dir (process {pid or '?'} on {host or '?'}, {lock}); "
                                       f"wait for it, or choose another output_dir (remove {lock} if that run is gone)") from None
@@ -840,6 +836,10 @@ class _RawClips(Dataset):
 class CacheBudgetExceeded(MemoryError):
     "Decoding a set for the in-memory cache went past its byte budget (`cache_max_gb`)."
 
+def decoded_nbytes(frames: torch.Tensor, spectrogram: torch.Tensor) -> int:
+    "Memory of one decoded clip: its raw frames and its spectrogram."
+    return frames.numel() * frames.element_size() + spectrogram.numel() * spectrogram.element_size()
+
 @dataclass
 class DecodedMedia:
     "The decoded media of a list of sources: only pixels and sound, so labels always come from the data set that asks."
@@ -849,7 +849,7 @@ class DecodedMedia:
     skipped: list              # (path, reason) of the sources that did not decode (skip_errors)
 
     @property
-    def nbytes(self) -> int: return sum(f.numel() * f.element_size() + s.numel() * s.element_size() for f, s in zip(self.frames, self.spectrograms))
+    def nbytes(self) -> int: return sum(map(decoded_nbytes, self.frames, self.spectrograms))
 
 _DECODED: dict = {}          # (media identities, config, skip_errors) -> DecodedMedia; the last two sets decoded in this process
 
@@ -877,7 +877,7 @@ def decode_clips(sources: list,                    # ClipSource of video files
             if not skip_errors: raise MediaError(*error)
             skipped.append(error); continue
         raw[i] = clip
-        nbytes += clip['frames'].numel() * clip['frames'].element_size() + clip['spectrogram'].numel() * clip['spectrogram'].element_size()
+        nbytes += decoded_nbytes(clip['frames'], clip['spectrogram'])
         if max_bytes is not None and nbytes > max_bytes:    # the running total, not an estimate from one clip
             raise CacheBudgetExceeded(f"decoded clips passed {max_bytes / 2**30:.2f} GB after {sum(r is not None for r in raw)} of {len(sources)} clips")
     kept = [i for i, clip in enumerate(raw) if clip is not None]
@@ -909,7 +909,7 @@ class DecodedClips(Dataset):
     def __len__(self): return len(self.sources)
 
     @property
-    def nbytes(self) -> int: return sum(f.numel() * f.element_size() + s.numel() * s.element_size() for f, s in zip(self.frames, self.spectrograms))
+    def nbytes(self) -> int: return sum(map(decoded_nbytes, self.frames, self.spectrograms))
 
     def _windows(self, index: int, positions) -> torch.Tensor:
         starts = self.bounds[positions, 0]                            # (K,)
