@@ -2,15 +2,20 @@
 trained tiny model recovers known offsets on held-out synthetic clips.
 
 Speed (issue 13): `av_offset` over 101 offsets (-2 .. +2 s, 40 ms) should cost at most 3x one `embed_video` of the same
-clip. Both include decoding the file. After one warm-up call of each, the calls are interleaved --repeats times; the
+clip; printed: the windows the bank encodes against the exact computation's, and the ratio (`ratio_wall`). Both include decoding the file. After one warm-up call of each, the calls are interleaved --repeats times; the
 target is judged on the best wall-clock run of each (the least disturbed on a shared machine); the median process CPU
 times are printed too, but threads waiting for a busy core inflate them unevenly. The clip
 is a synthetic testbed clip (10 s, 112 px, 8 fps) rendered into a temporary folder; the model is an untrained tiny
 CAV-MAE Sync (the cost does not depend on the weights).
 
-Accuracy (--accuracy): held-out clips of the default testbed shifted by -1.0 .. +1.0 s; target: median absolute error
-<= 0.2 s with the tiny model `cavmae_sync.train.pretrained_tiny()` trained (it must be cached: this script never trains;
-run `python -c "from cavmae_sync.train import pretrained_tiny; print(pretrained_tiny())"` once, ~10 min on 2 cores).
+Accuracy (--accuracy): held-out clips of the testbed the cached model was trained on (read from its config.json; the
+default testbed otherwise) shifted by -1.0 .. +1.0 s; target: median absolute error <= 0.2 s with the tiny model
+`cavmae_sync.testbed.pretrained_tiny()` trained (it must be cached: this script never trains; run
+`python -c "from cavmae_sync.testbed import pretrained_tiny; print(pretrained_tiny())"` once, ~10 min on 2 cores).
+Three estimators are reported: the default (offset 0 = the model's training pairing, a bank of windows every 0.16 s
+read by interpolation), the same measured from the frames' presentation times (`zero='frames'`), and the exact
+computation (`bank_step=0.01`); with the median signed error (bias), the median absolute error per shift and the
+median confidence of the right and the wrong answers.
 The CAV-MAE baseline has no frame-aligned audio windows: `av_offset` refuses it (reported as such).
 
     python bench/offset.py [--threads 2] [--repeats 3] [--accuracy [--clips 20] [--checkpoint FILE]]
@@ -31,9 +36,9 @@ def speed(threads, repeats):
     import torch
     from cavmae_sync.config import shared_dir
     from cavmae_sync.model import CAVMAESync, tiny
-    from cavmae_sync.retrieval import embed_video, model_preprocess_config
+    from cavmae_sync.embeddings import embed_video, model_preprocess_config
     from cavmae_sync.synthetic import SyntheticConfig, generate_clip
-    from cavmae_sync.sync import av_offset, offset_grid, decode_for_offset, window_plan
+    from cavmae_sync.sync import av_offset, offset_grid, decode_for_offset, window_bank, zero_centres, bank_spacing
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = CAVMAESync(tiny()).eval()
@@ -50,9 +55,11 @@ def speed(threads, repeats):
         cpu = {name: statistics.median(c for _, c in r) for name, r in runs.items()}
         inputs = decode_for_offset(clip, model_preprocess_config(model), 200)
         rows = []
+        centres = zero_centres(inputs.frame_times, model_preprocess_config(model))
         for step in steps:
-            plan = window_plan(inputs.frame_times, offset_grid(2.0, step), inputs.spectrogram.shape[0], model.config.audio_length)
-            rows.append({'step_s': step, 'offsets': len(offset_grid(2.0, step)), 'audio_windows_encoded': len(plan.starts),
+            bank = lambda spacing: window_bank(centres, offset_grid(2.0, step), inputs.spectrogram.shape[0], model.config.audio_length, spacing)
+            rows.append({'step_s': step, 'offsets': len(offset_grid(2.0, step)), 'audio_windows_encoded': len(bank(bank_spacing(model)).starts),
+                         'audio_windows_exact': len(bank(1).starts),
                          'av_offset_best_s': round(best[step], 3), 'av_offset_cpu_s': round(cpu[step], 3),
                          'ratio_wall': round(best[step] / best['embed_video'], 2), 'ratio_cpu': round(cpu[step] / cpu['embed_video'], 2),
                          'wall_runs_s': [round(w, 3) for w, _ in runs[step]]})
@@ -73,15 +80,32 @@ def speed(threads, repeats):
     return out
 
 
+def trained_on(checkpoint):
+    "The testbed folder a cached tiny model was trained on (its held-out clips are the fair test), if it is still on disk."
+    try: train_data = Path(json.loads((Path(checkpoint).parent / 'config.json').read_text())['config']['train_data'])
+    except (OSError, ValueError, KeyError, TypeError): return None
+    folder = train_data.parent
+    return folder if any((folder / 'videos').glob('test_*.mp4')) else None
+
+
 def accuracy(clips, checkpoint):
     from cavmae_sync.checkpoint import load_model_file
     from cavmae_sync.synthetic import default_synthetic
     from cavmae_sync.sync import offset_accuracy, offset_summary, resolve_checkpoint, av_offset, cached_tiny_model
     path = resolve_checkpoint(checkpoint)                                # refuses (and says how) when nothing is cached
-    testbed = default_synthetic(progress=False)
+    testbed = trained_on(path) or default_synthetic(progress=False)
     videos = sorted((testbed / 'videos').glob('test_*.mp4'))[:clips]
-    table = offset_accuracy(load_model_file(path), videos, shifts=(-1.0, -0.6, -0.2, 0.2, 0.6, 1.0), progress=False)
-    out = {'checkpoint': str(path), 'sync': offset_summary(table), 'target_median_abs_error_s': 0.2}
+    model = load_model_file(path)
+    out = {'checkpoint': str(path), 'testbed': str(testbed), 'clips': len(videos), 'target_median_abs_error_s': 0.2}
+    # default: offset 0 is the pairing the model was trained with; 'frames' (presentation times) and the exact computation
+    # (every pair's own window, no bank) are reported beside it to show what each part of the estimator does
+    for name, kwargs in (('sync', {}), ('sync_zero_frames', {'zero': 'frames'}), ('sync_exact', {'bank_step': 0.01})):
+        table = offset_accuracy(model, videos, shifts=(-1.0, -0.6, -0.2, 0.2, 0.6, 1.0), progress=False, **kwargs)
+        answered = table.dropna(subset=['estimate'])
+        out[name] = {**offset_summary(table), 'median_signed_error_s': round(float(answered['error'].median()), 3),
+                     'median_abs_error_by_shift_s': {f'{k:+.1f}': round(float(v), 3) for k, v in answered.groupby('shift')['error'].apply(lambda e: e.abs().median()).items()},
+                     'median_confidence_within_0.2s': round(float(answered[answered['error'].abs() <= 0.2 + 1e-9]['confidence'].median()), 4),
+                     'median_confidence_beyond_0.2s': round(float(answered[answered['error'].abs() > 0.2 + 1e-9]['confidence'].median()), 4)}
     baseline = cached_tiny_model('cavmae')
     if baseline is not None:
         try: av_offset(videos[0], load_model_file(baseline)); out['cavmae'] = 'estimated (unexpected)'

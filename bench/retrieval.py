@@ -31,7 +31,8 @@ def _reset_peak():
 def _run(strategy, clips, frames, dim, threads, repeats, queue):
     import torch
     import torch.nn.functional as F
-    from cavmae_sync.retrieval import similarity, recall_metrics
+    from cavmae_sync.retrieval import similarity
+    from cavmae_sync.metrics import recall_metrics
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     audio = F.normalize(torch.randn(clips, frames, dim, generator=gen), dim=-1)     # (N, T, D) float32

@@ -9,7 +9,7 @@ compared with float32 ones on the first 10,000 clips (max abs difference, and wh
 
 With --own-audio, also: how often a clip's own audio finds the clip first among held-out clips (issue 13's check), on the
 test clips of the default testbed (or --folder) indexed with --checkpoint or the cached tiny testbed model (this script
-never trains: `python -c "from cavmae_sync.train import pretrained_tiny; print(pretrained_tiny())"` once, ~10 min on 2
+never trains: `python -c "from cavmae_sync.testbed import pretrained_tiny; print(pretrained_tiny())"` once, ~10 min on 2
 cores). The query is each clip's sound (its T windows, exactly what `cavmae-sync-search --audio CLIP` embeds), ranked
 against every clip's frames; reported as R@1 / R@5 (%) under random tie order, with chance (100 / N).
 Prints one JSON object.
@@ -61,7 +61,8 @@ def own_audio(folder, checkpoint):
     import tempfile
     from pathlib import Path
     from cavmae_sync.checkpoint import load_model_file
-    from cavmae_sync.retrieval import recall_metrics, similarity
+    from cavmae_sync.metrics import recall_metrics
+    from cavmae_sync.retrieval import similarity
     from cavmae_sync.search import build_index
     from cavmae_sync.sync import resolve_checkpoint
     path = resolve_checkpoint(checkpoint)

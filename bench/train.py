@@ -6,7 +6,8 @@ import torch
 
 from cavmae_sync.model import CAVMAESync
 from cavmae_sync.synthetic import default_synthetic
-from cavmae_sync.train import PretrainConfig, measure_pretraining, model_preset, tiny_pretrain_config
+from cavmae_sync.train_config import PretrainConfig, model_preset
+from cavmae_sync.testbed import measure_pretraining, tiny_pretrain_config
 
 
 def model_flops_per_sample(config) -> float:

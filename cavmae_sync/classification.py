@@ -4,165 +4,23 @@
 
 # %% ../nbs/10_classification.ipynb #206232f8
 from __future__ import annotations
-import math, warnings
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_torch_save, safe_load
-from .retrieval import (iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint, evaluation_autocast,
-                                   precision_tag)
+from .embeddings import iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint, evaluation_autocast, precision_tag
+from .metrics import MAPResult, NO_POSITIVE_RULES, to_tensor, binary_targets, class_indices, mean_average_precision, accuracy
 
 # %% auto #0
-__all__ = ['NO_POSITIVE_RULES', 'NO_POSITIVE_WARNING', 'FEATURE_MODALITIES', 'REFERENCE_RESULT_FILES', 'REFERENCE_COLUMNS',
-           'average_precision_columns', 'average_precision', 'MAPResult', 'mean_average_precision', 'accuracy',
-           'LinearProbe', 'LinearProbeResult', 'linear_probe', 'ClipFeatures', 'extract_features',
-           'ClassifierEvaluation', 'evaluate_classifier', 'reference_results']
-
-# %% ../nbs/10_classification.ipynb #43b25942
-def _as_tensor(x, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor): return x.detach().cpu()
-    try: return torch.as_tensor(np.asarray(x))
-    except Exception as e: raise ValueError(f"{name} must be array-like, got {type(x).__name__}") from e
-
-def _binary_targets(targets: torch.Tensor, name: str = 'targets') -> torch.Tensor:
-    if targets.dtype != torch.bool:
-        if targets.is_floating_point() and torch.isnan(targets).any(): raise ValueError(f"{name} contain NaN")
-        if not ((targets == 0) | (targets == 1)).all():
-            raise ValueError(f"{name} must be 0/1 (or bool), got values such as {targets[(targets != 0) & (targets != 1)][:3].tolist()}")
-    return targets.bool()
-
-NO_POSITIVE_RULES = ('zero', 'exclude')
-NO_POSITIVE_WARNING = "No positive class found in y_true, recall is set to one for all thresholds"   # scikit-learn's words
-
-def average_precision_columns(scores: torch.Tensor,   # (N, C) scores, higher = more likely positive
-                              targets: torch.Tensor,  # (N, C) bool
-                             ) -> torch.Tensor:       # (C,) float64 AP; NaN where a column has no positive
-    "Step-wise average precision of every column at once (ties enter together); NaN for a column without positives."
-    order = scores.argsort(dim=0, descending=True, stable=True)                  # (N, C)
-    sorted_scores = scores.gather(0, order)                                      # (N, C)
-    true_pos = targets.gather(0, order).double().cumsum(0)                       # (N, C) TP among the top k+1
-    rank = torch.arange(1, len(scores) + 1, dtype=torch.float64)[:, None]        # (N, 1)
-    group_end = torch.ones_like(sorted_scores, dtype=torch.bool)                 # (N, C) last clip of a tie group
-    group_end[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    tp_at_end = torch.where(group_end, true_pos, torch.zeros_like(true_pos))
-    tp_before = torch.cat([torch.zeros_like(true_pos[:1]), tp_at_end.cummax(0).values[:-1]])   # TP at the previous group end
-    new_pos = torch.where(group_end, true_pos - tp_before, torch.zeros_like(true_pos))        # positives gained by the group
-    positives = true_pos[-1]                                                     # (C,)
-    ap = (new_pos * true_pos / rank).sum(0) / positives                          # sum_k (R_k - R_{k-1}) P_k
-    return torch.where(positives > 0, ap, torch.full_like(ap, float('nan')))
-
-def average_precision(scores,    # (N,) scores of one class, higher = more likely positive
-                      targets,   # (N,) 0/1 or bool: which clips are positives
-                      no_positives: str = 'zero',  # no positive at all: 'zero' (scikit-learn: 0 and a warning) or 'raise'
-                     ) -> float: # AP in [0, 1], step-wise as scikit-learn's `average_precision_score`
-    "Average precision of one class; ties in score enter the ranking together."
-    if no_positives not in ('zero', 'raise'): raise ValueError(f"no_positives must be 'zero' or 'raise', got {no_positives!r}")
-    scores, targets = _as_tensor(scores, 'scores'), _as_tensor(targets, 'targets')
-    if scores.ndim != 1 or scores.shape != targets.shape:
-        raise ValueError(f"scores and targets must be matching 1-D arrays, got {tuple(scores.shape)} and {tuple(targets.shape)}")
-    if len(scores) == 0: raise ValueError("average precision of an empty set is undefined")
-    scores = scores.double()
-    if torch.isnan(scores).any(): raise ValueError("scores contain NaN")
-    targets = _binary_targets(targets)
-    if not targets.any():
-        if no_positives == 'raise': raise ValueError("average precision is undefined for a class without positives")
-        warnings.warn(f"{NO_POSITIVE_WARNING}: average precision set to 0 as scikit-learn does", UserWarning, stacklevel=2)
-        return 0.0
-    return float(average_precision_columns(scores[:, None], targets[:, None])[0])
-
-# %% ../nbs/10_classification.ipynb #a64c9bb0
-@dataclass
-class MAPResult:
-    "Per-class AP and their mean; classes without a positive count 0 (scikit-learn, the default) or are left out."
-    mAP: float                                    # percent, mean over `evaluated_classes`
-    per_class: torch.Tensor                       # (C,) AP in percent; classes without positives: 0 ('zero') or NaN ('exclude')
-    classes_without_positives: list[int]          # classes with no positive clip in the evaluated set
-    num_clips: int
-    no_positives: str = 'zero'                    # the rule applied to them: 'zero' (in the mean as 0) or 'exclude'
-
-    @property
-    def evaluated_classes(self) -> list[int]:
-        "The classes the mean is taken over."
-        left_out = set(self.classes_without_positives) if self.no_positives == 'exclude' else set()
-        return [c for c in range(len(self.per_class)) if c not in left_out]
-
-    def to_frame(self, class_names: Sequence[str] | None = None) -> pd.DataFrame:
-        "One row per class: AP (percent), whether it has a positive clip, and whether it entered the mean."
-        without = set(self.classes_without_positives)
-        frame = pd.DataFrame({'ap': self.per_class.numpy(), 'has_positives': [c not in without for c in range(len(self.per_class))],
-                              'evaluated': [c in set(self.evaluated_classes) for c in range(len(self.per_class))]})
-        if class_names is not None:
-            if len(class_names) != len(frame): raise ValueError(f"{len(class_names)} class names for {len(frame)} classes")
-            frame.insert(0, 'class_name', list(class_names))
-        return frame
-
-    def __repr__(self):
-        skipped = self.classes_without_positives
-        listed = f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}"
-        note = ('' if not skipped else f", {len(skipped)} classes without positives counted as AP 0: {listed}" if self.no_positives == 'zero'
-                else f", {len(skipped)} classes without positives left out: {listed}")
-        return f"MAPResult(mAP={self.mAP:.2f}% over {len(self.evaluated_classes)} classes, {self.num_clips} clips{note})"
-
-def mean_average_precision(scores,   # (N, C) scores (logits or probabilities: only the order matters)
-                           targets,  # (N, C) 0/1 or bool multi-hot targets
-                           no_positives: str = 'zero',   # classes without a positive: 'zero' (AP 0 in the mean, as scikit-learn and the released code) or 'exclude'
-                          ) -> MAPResult:
-    "Per-class average precision and its mean over the classes (those without positives: AP 0, or left out)."
-    if no_positives not in NO_POSITIVE_RULES: raise ValueError(f"no_positives must be one of {NO_POSITIVE_RULES}, got {no_positives!r}")
-    scores, targets = _as_tensor(scores, 'scores'), _as_tensor(targets, 'targets')
-    if scores.ndim != 2 or scores.shape != targets.shape:
-        raise ValueError(f"scores and targets must both be (N, C), got {tuple(scores.shape)} and {tuple(targets.shape)}")
-    if scores.shape[0] == 0: raise ValueError("mAP of an empty set is undefined")
-    scores = scores.double()
-    if torch.isnan(scores).any(): raise ValueError(f"scores contain NaN (clips {torch.isnan(scores).any(1).nonzero().flatten()[:5].tolist()} ...)")
-    targets = _binary_targets(targets)
-    per_class = average_precision_columns(scores, targets) * 100                # (C,) NaN where no positive
-    without = torch.isnan(per_class).nonzero().flatten().tolist()
-    if len(without) == len(per_class): raise ValueError("no class has a positive clip: mAP is undefined")
-    if without and no_positives == 'zero':
-        per_class = torch.nan_to_num(per_class, nan=0.0)
-        warnings.warn(f"{NO_POSITIVE_WARNING}: {len(without)} of {len(per_class)} classes have no positive clip "
-                      f"({without[:10]}{' ...' if len(without) > 10 else ''}); their AP counts 0 in the mean, as scikit-learn and the "
-                      f"released CAV-MAE code compute it (no_positives='exclude' leaves them out)", UserWarning, stacklevel=2)
-    return MAPResult(mAP=float(per_class[~torch.isnan(per_class)].mean()), per_class=per_class.float(),
-                     classes_without_positives=without, num_clips=len(scores), no_positives=no_positives)
-
-# %% ../nbs/10_classification.ipynb #0c281ba8
-def _class_indices(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    "(N,) class indices from (N,) indices or (N, C) one-hot targets."
-    if targets.ndim == 1:
-        if targets.is_floating_point() and not (targets == targets.round()).all(): raise ValueError("class-index targets must be integers")
-        targets = targets.long()
-        if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
-            raise ValueError(f"class indices must lie in [0, {num_classes}), got {int(targets.min())}..{int(targets.max())}")
-        return targets
-    if targets.ndim == 2:
-        if targets.shape[1] != num_classes: raise ValueError(f"one-hot targets have {targets.shape[1]} classes, the scores {num_classes}")
-        hot = _binary_targets(targets)
-        counts = hot.sum(1)
-        if (counts != 1).any():
-            bad = (counts != 1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"top-1 accuracy needs exactly one positive class per clip; clips {bad} have {counts[bad].tolist()} (multi-label: use mAP)")
-        return hot.long().argmax(1)
-    raise ValueError(f"targets must be (N,) class indices or (N, C) one-hot, got shape {tuple(targets.shape)}")
-
-def accuracy(logits,    # (N, C) scores
-             targets,   # (N,) class indices or (N, C) one-hot
-            ) -> float: # top-1 accuracy in percent
-    "Top-1 accuracy: the share of clips whose highest-scoring class is their label."
-    logits, targets = _as_tensor(logits, 'logits'), _as_tensor(targets, 'targets')
-    if logits.ndim != 2 or len(logits) != len(targets) or len(logits) == 0:
-        raise ValueError(f"logits must be a non-empty (N, C) array matching targets, got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    if logits.is_floating_point() and torch.isnan(logits).any(): raise ValueError("logits contain NaN")
-    labels = _class_indices(targets, logits.shape[1])                      # (N,)
-    return float((logits.argmax(1) == labels).double().mean() * 100)
+__all__ = ['FEATURE_MODALITIES', 'REFERENCE_RESULT_FILES', 'REFERENCE_COLUMNS', 'LinearProbe', 'LinearProbeResult',
+           'linear_probe', 'ClipFeatures', 'extract_features', 'ClassifierEvaluation', 'evaluate_classifier',
+           'reference_results']
 
 # %% ../nbs/10_classification.ipynb #da619dfe
 class LinearProbe(nn.Module):
@@ -187,12 +45,12 @@ class LinearProbeResult:
     def __repr__(self): return f"LinearProbeResult({self.metric_name}={self.metric:.2f}% after {len(self.history)} epochs)"
 
 def _probe_targets(targets, multilabel: bool, num_classes: int | None, name: str) -> torch.Tensor:
-    targets = _as_tensor(targets, name)
+    targets = to_tensor(targets, name)
     if multilabel:
         if targets.ndim != 2: raise ValueError(f"multi-label {name} must be (N, C) 0/1, got shape {tuple(targets.shape)}")
-        return _binary_targets(targets, name).float()
+        return binary_targets(targets, name).float()
     width = num_classes if num_classes is not None else (targets.shape[1] if targets.ndim == 2 else int(targets.max()) + 1)
-    return _class_indices(targets, width)
+    return class_indices(targets, width)
 
 def _evaluate_probe(scores: torch.Tensor, targets: torch.Tensor, multilabel: bool, no_positives: str = 'zero'):
     if multilabel:
@@ -218,12 +76,12 @@ def linear_probe(train_features,                  # (N, F) frozen features
     "Train a linear classifier on frozen features and report the test mAP or accuracy."
     device = torch.device(device or 'cpu')
     if no_positives not in NO_POSITIVE_RULES: raise ValueError(f"no_positives must be one of {NO_POSITIVE_RULES}, got {no_positives!r}")
-    x_train, x_test = _as_tensor(train_features, 'train_features').float(), _as_tensor(test_features, 'test_features').float()
+    x_train, x_test = to_tensor(train_features, 'train_features').float(), to_tensor(test_features, 'test_features').float()
     if x_train.ndim != 2 or x_test.ndim != 2 or x_train.shape[1] != x_test.shape[1]:
         raise ValueError(f"features must be (N, F) with the same F, got {tuple(x_train.shape)} and {tuple(x_test.shape)}")
     if not (torch.isfinite(x_train).all() and torch.isfinite(x_test).all()): raise ValueError("features contain NaN or inf")
     if num_classes is None and not multilabel:
-        index_targets = [t for t in (_as_tensor(train_targets, 'train_targets'), _as_tensor(test_targets, 'test_targets')) if t.ndim == 1]
+        index_targets = [t for t in (to_tensor(train_targets, 'train_targets'), to_tensor(test_targets, 'test_targets')) if t.ndim == 1]
         if index_targets: num_classes = max(int(t.max()) for t in index_targets) + 1
     y_train = _probe_targets(train_targets, multilabel, num_classes, 'train_targets')
     y_test = _probe_targets(test_targets, multilabel, num_classes, 'test_targets')

@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from .config import PreprocessConfig, MediaError
-from .classification import average_precision_columns
-from .retrieval import evaluation_autocast, precision_tag
+from .embeddings import evaluation_autocast, precision_tag
+from .metrics import average_precision_columns, best_iou
 from .video import eval_transform, unnormalize
 import torchvision.transforms.v2 as transforms
 from torchvision.transforms import InterpolationMode
 
 # %% auto #0
 __all__ = ['EMPTY_CLASS_RULES', 'ADE20K_SOUND_FOLDER', 'ADE20K_SOUND_COLUMNS', 'ADE20K_NAME_COLUMNS', 'MASK_RESIZE_RULES',
-           'similarity_maps', 'clip_similarity_maps', 'LocalizationResult', 'best_iou', 'localization_scores',
-           'to_image', 'overlay', 'LocalizationViewer', 'ade20k_class_map', 'pil_nearest_geometry', 'ADE20KSound',
+           'similarity_maps', 'clip_similarity_maps', 'LocalizationResult', 'localization_scores', 'to_image',
+           'overlay', 'LocalizationViewer', 'ade20k_class_map', 'pil_nearest_geometry', 'ADE20KSound',
            'LocalizationMaps', 'localization_maps', 'evaluate_localization']
 
 # %% ../nbs/11_localization.ipynb #38d67cbf
@@ -94,20 +94,6 @@ class LocalizationResult:
         note = ('' if not empty else f", {len(empty)} classes with empty masks counted as AP 0 and IoU 0 (as DenseAV): {empty[:10]}"
                 if self.empty_classes_rule == 'zero' else f", {len(empty)} classes with empty masks left out: {empty[:10]}")
         return f"LocalizationResult(mAP={self.mAP:.2f}%, mIoU={self.mIoU:.2f}% over {len(self.per_class) - len(self.excluded_classes)} classes{note})"
-
-def best_iou(values: torch.Tensor,      # (P,) map values of the pooled pixels
-             targets: torch.Tensor,     # (P,) bool ground truth
-             num_thresholds: int = 20,  # thresholds evenly spaced from values.min() to values.max()
-            ) -> tuple[float, float]:   # (best IoU in [0, 1], the threshold that gave it)
-    "Best IoU of `values > threshold` against `targets` over evenly spaced thresholds (an empty union scores 0)."
-    thresholds = torch.linspace(float(values.min()), float(values.max()), num_thresholds, dtype=values.dtype)
-    best, best_threshold = -1.0, float(thresholds[0])
-    for threshold in thresholds:                                   # 20 passes over the pixels, not one per pixel
-        predicted = values > threshold
-        union = (predicted | targets).sum()
-        iou = float((predicted & targets).sum() / union) if union > 0 else 0.0
-        if iou > best: best, best_threshold = iou, float(threshold)
-    return best, best_threshold
 
 def localization_scores(maps,                    # (M, H, W) tensor, or a list of M (H_i, W_i) maps at their mask's size
                         masks,                   # M bool masks (H_i, W_i): the prompted object's pixels

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_reproduce.ipynb #15f15bc2
 from __future__ import annotations
-import contextlib, json, math, os, tempfile
+import contextlib, dataclasses, json, math, os, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +16,13 @@ from .config import project_root, data_dir
 from .data import read_datafile
 from .video import VIDEO_EXTENSIONS
 from .checkpoint import holds_classifier, load_model_file
+from .metrics import PairedGain, paired_bootstrap    # the notebooks import them from here too
 
 # %% auto #0
-__all__ = ['DATASETS', 'CLASS_SETS', 'RETRIEVAL_HEADLINES', 'CLASSIFICATION_HEADLINES', 'LOCALIZATION_HEADLINES', 'check_dataset',
-           'data_file', 'missing_media', 'require_video_data', 'resolve_device', 'load_model',
-           'is_classifier_checkpoint', 'Outputs', 'synthetic_testbed', 'in_test', 'quick_sizes', 'cache_lock',
-           'PretrainingSummary', 'pretraining_summary', 'pretraining_notes', 'PairedGain', 'paired_bootstrap',
-           'Verdict', 'above_chance', 'retrieval_verdict', 'classification_verdict', 'localization_verdict',
-           'gap_direction', 'ablation_claim']
+__all__ = ['DATASETS', 'CLASS_SETS', 'check_dataset', 'data_file', 'missing_media', 'require_video_data', 'require_ade20k_sound',
+           'resolve_device', 'load_model', 'is_classifier_checkpoint', 'check_method', 'Outputs', 'synthetic_testbed',
+           'in_test', 'quick_sizes', 'cache_lock', 'PretrainingSummary', 'pretraining_summary', 'pretraining_notes',
+           'testbed_checkpoints']
 
 # %% ../nbs/12_reproduce.ipynb #bf342b69
 DATASETS = {
@@ -94,6 +93,34 @@ def require_video_data(dataset: str,              # 'vggsound' or 'audioset'
           for split in splits],
         "  (video_labels.csv has columns video_id,labels; --extract also writes the official frames + 16 kHz wav layout)"]))
 
+# %% ../nbs/12_reproduce.ipynb #ade0cd02
+def require_ade20k_sound(data_root,              # the ADE20KSoundPrompted folder (or the folder holding it); None: not passed
+                         checkpoint,             # the weights to evaluate; None: not passed
+                        ) -> Path:               # the ADE20KSoundPrompted folder
+    "Stop with one message listing every missing file of DenseAV's ADE20K Sound release (and the checkpoint), or return its folder."
+    dataset_name = DATASETS['ade20k_sound']
+    from cavmae_sync.localization import ADE20K_SOUND_FOLDER, ADE20K_SOUND_COLUMNS
+    root = Path(data_root).expanduser() if data_root else None
+    if root is not None and not (root / 'prompted_segmentation.csv').exists() and (root / ADE20K_SOUND_FOLDER).is_dir():
+        root = root / ADE20K_SOUND_FOLDER
+    problems = [f'{what} is not set (pass -p {what} ...)' for what, value in (('data_root', root), ('checkpoint', checkpoint)) if value is None]
+    if root is not None:
+        problems += [f'{root / name} does not exist' for name in ('prompted_segmentation.csv', 'frames', 'annotations', 'audio')
+                     if not (root / name).exists()]
+    if checkpoint is not None and not Path(checkpoint).is_file(): problems.append(f'{checkpoint} (checkpoint) does not exist')
+    if problems:
+        where = root or f'/path/to/{ADE20K_SOUND_FOLDER}'
+        raise FileNotFoundError('\n'.join([
+            f"dataset='ade20k_sound' ({dataset_name}) needs files that are missing:", *[f'  - {p}' for p in problems],
+            "Expected (DenseAV's ADE20KSoundPrompted release, used as it is):",
+            f"  {where}/prompted_segmentation.csv: one row per prompt, columns {', '.join(ADE20K_SOUND_COLUMNS)}",
+            f"  {where}/frames/<image_location>: the ADE20K images",
+            f"  {where}/annotations/<image_location without suffix>_seg.png: ADE20K full-ontology segmentations",
+            f"  {where}/audio/<vggsound_file>: the VGGSound sound prompts",
+            "  checkpoint: the released CAV-MAE Sync weights, e.g. -p checkpoint /path/to/cav-mae-sync.pth",
+            "No preparation step is needed (cavmae-sync-prepare is for video data sets): download the release and point data_root at it."]))
+    return root
+
 # %% ../nbs/12_reproduce.ipynb #73cc80c4
 def resolve_device(device: str = 'auto') -> torch.device:
     "'auto': the GPU when there is one, else the CPU; anything else as `torch.device` reads it."
@@ -108,6 +135,21 @@ def load_model(path,                   # a cavmae_sync checkpoint (.pt) or relea
 def is_classifier_checkpoint(path) -> bool:
     "Whether a checkpoint file (either format) holds a fine-tuned classifier, read safely (`checkpoint.holds_classifier`)."
     return holds_classifier(path)
+
+def check_method(model,                 # what `load_model` returned
+                 checkpoint,            # the file it came from (named in errors)
+                 method: str,           # what the notebook expects: 'CAV-MAE Sync' or 'CAV-MAE'
+                ):
+    "The pretrained model, refused when it is a fine-tuned classifier or its weights have the other architecture."
+    from cavmae_sync.model import CAVMAESync
+    from cavmae_sync.checkpoint import describe_architecture
+    if not isinstance(model, CAVMAESync):
+        raise ValueError(f"{checkpoint}: a fine-tuned classifier ({type(model).__name__}); this needs the pretrained {method} weights")
+    found = 'CAV-MAE' if model.config.is_cavmae_baseline else 'CAV-MAE Sync'   # what the weights are
+    if found != method:   # e.g. a download of cav_mae_sync.pth reported to be byte-identical to CAV-MAE's audio_model.25.pth
+        raise ValueError(f"{checkpoint}: expected {method}, but the weights have the {describe_architecture(model.config)}; "
+                         f"check the download (sha256 printed above), or pass -p method '{found}' to evaluate it as {found}")
+    return model
 
 # %% ../nbs/12_reproduce.ipynb #99d6c7c4
 @dataclass
@@ -137,19 +179,18 @@ def synthetic_testbed(num_train: int,        # training clips
                       progress: bool = False,
                      ) -> Path:              # the folder with train.json, test.json, labels.csv, the clips and their ground truth
     "The synthetic testbed of this size and seed, generated on first use and cached under `data/` (each size in its own folder)."
-    from cavmae_sync.synthetic import default_synthetic, DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST
-    default_size = (num_train, num_test, seed) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, 0)
-    folder = data_dir() / ('synthetic' if default_size else f'synthetic_{num_train}x{num_test}_seed{seed}')
+    from cavmae_sync.synthetic import default_synthetic, cache_folder
+    folder = cache_folder(num_train, num_test, seed)        # named by the testbed's version too: an older set is kept, not overwritten
     return default_synthetic(folder, num_train, num_test, seed, progress=progress)
 
 # %% ../nbs/12_reproduce.ipynb #ccb4ea08
 _TEST_SIZES = {
-    'common': dict(num_train=48, num_test=12, train_minutes=0.2, train_batch_size=8, batch_size=4, num_workers=0,
+    'common': dict(num_train=48, num_test=12, train_steps=6, train_batch_size=8, batch_size=4, num_workers=0,
                    pretrain_overrides={'eval_data': ''}, progress=False),
     'retrieval': {},
     'classification': dict(probe_epochs=10, finetune_epochs=1, finetune_batch_size=8, include_random_init=False),
     'localization': dict(grid_clips=2, grid_frames=3),
-    'ablations': dict(ablation_minutes=0.2, variants={'window 128': {'audio_length': 128}}, eval_frames=[1, 16]),
+    'ablations': dict(variants={'window 128': {'audio_length': 128}}, eval_frames=[1, 16]),
 }
 
 def in_test(quick=None,                # the notebook's `quick` parameter: True / False, or None to ask the environment
@@ -186,6 +227,8 @@ class PretrainingSummary:
     contrastive_start: float     # contrastive loss of the first logged window of steps
     contrastive_end: float       # ... of the last logged window
     contrastive_chance: float    # log(micro-batch): the loss of embeddings that carry no pairing information
+    mae_loss_audio: float        # audio reconstruction loss (masked patches) of the last logged window
+    mae_loss_video: float        # visual reconstruction loss of the last logged window
 
     @property
     def learned_contrast(self) -> bool:
@@ -196,145 +239,51 @@ def pretraining_summary(checkpoint) -> PretrainingSummary:
     "The summary of the pretraining run that wrote `checkpoint` (its folder holds train_log.csv and config.json)."
     run = Path(checkpoint).parent
     for name in ('train_log.csv', 'config.json'):
-        if not (run / name).is_file(): raise FileNotFoundError(f"{run / name}: missing; {checkpoint} was not written by cavmae_sync.train.pretrain")
+        if not (run / name).is_file(): raise FileNotFoundError(f"{run / name}: missing; {checkpoint} was not written by cavmae_sync.pretraining.pretrain")
     log = pd.read_csv(run / 'train_log.csv')
     record = json.loads((run / 'config.json').read_text())
-    if log.empty or 'contrastive_loss' not in log: raise ValueError(f"{run / 'train_log.csv'}: no contrastive loss logged")
+    missing = {'step', 'time', 'contrastive_loss', 'mae_loss_audio', 'mae_loss_video'} - set(log.columns)
+    if log.empty or missing: raise ValueError(f"{run / 'train_log.csv'}: no logged steps" if log.empty else f"{run / 'train_log.csv'}: columns {sorted(missing)} missing")
     micro_batch = record.get('derived', {}).get('micro_batch') or record['config']['batch_size']
     steps = int(log['step'].iloc[-1])
     return PretrainingSummary(steps, steps * int(record['config']['batch_size']), float(log['time'].iloc[-1]) / 60,
-                              float(log['contrastive_loss'].iloc[0]), float(log['contrastive_loss'].iloc[-1]), math.log(micro_batch))
+                              float(log['contrastive_loss'].iloc[0]), float(log['contrastive_loss'].iloc[-1]), math.log(micro_batch),
+                              float(log['mae_loss_audio'].iloc[-1]), float(log['mae_loss_video'].iloc[-1]))
 
 # %% ../nbs/12_reproduce.ipynb #71d79f40
 def pretraining_notes(summaries: dict,       # {model name: PretrainingSummary}
                      ) -> list[str]:         # Markdown lines
-    "One line per compared model (steps, samples, minutes, contrastive loss vs chance), and a caveat when only some learned to contrast."
+    "One line per compared model (steps, samples, minutes, losses), and a caveat when only some learned to contrast."
     lines = [f"- {name}: {s.steps} steps ({s.samples:,} samples) in {s.minutes:.1f} min; contrastive loss {s.contrastive_start:.2f} -> "
-             f"{s.contrastive_end:.2f} (chance {s.contrastive_chance:.2f})" for name, s in summaries.items()]
+             f"{s.contrastive_end:.2f} (chance {s.contrastive_chance:.2f}); reconstruction loss audio {s.mae_loss_audio:.3f}, "
+             f"video {s.mae_loss_video:.3f}" for name, s in summaries.items()]
     stuck = [name for name, s in summaries.items() if not s.learned_contrast]
     if stuck and len(stuck) < len(summaries):
         lines.append(f"- Caveat: within the same budget the contrastive loss of {', '.join(stuck)} stayed near chance, so part of the gap "
-                     "is how fast each model trains here, not only what it can learn; a longer budget (-p train_minutes ...) compares "
+                     "is how fast each model learns, not only what it can learn; a longer budget (-p train_steps ...) compares "
                      "models that both learned.")
     elif stuck:
         lines.append("- Caveat: none of these models' contrastive loss left chance level within the budget, so their retrieval "
-                     "gaps say which escaped the plateau first, not what each can learn; give them a longer budget.")
+                     "gaps say which escaped the plateau first, not what each can learn; give them a longer budget (-p train_steps ...).")
     return lines
 
-# %% ../nbs/12_reproduce.ipynb #74ddc07a
-@dataclass
-class PairedGain:
-    "Mean of a minus mean of b (x100: points when a and b are 0/1 hits), with a bootstrap interval."
-    gain: float
-    low: float
-    high: float
-
-def paired_bootstrap(a,                        # (N,) per-query scores of the first model (e.g. 1 where the true match ranks first)
-                     b,                        # (N,) the second model's scores on the same queries
-                     samples: int = 2000,      # bootstrap resamples
-                     seed: int = 0,
-                     confidence: float = 0.95, # width of the interval
-                    ) -> PairedGain:
-    "The gain of a over b in points, and its percentile interval over queries resampled with replacement (both models alike)."
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired_bootstrap needs two score vectors over the same queries; got shapes {a.shape} and {b.shape}")
-    draws = np.random.default_rng(seed).integers(0, len(a), (samples, len(a)))     # (samples, N) query indices
-    gains = (a[draws].mean(1) - b[draws].mean(1)) * 100                              # (samples,)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(gains, [tail, 100 - tail])
-    return PairedGain(float((a.mean() - b.mean()) * 100), float(low), float(high))
-
-# %% ../nbs/12_reproduce.ipynb #e03b6707
-@dataclass
-class Verdict:
-    "A notebook's verdict on one claim of the paper."
-    outcome: str          # 'held', 'held weakly', 'held partly', 'did not hold' or 'no verdict'
-    headline: str         # the Markdown sentence the notebook prints
-
-RETRIEVAL_HEADLINES = {
-    'held': "**The paper's claim held on the testbed**: CAV-MAE Sync retrieves better than CAV-MAE in both directions, "
-            "and the gap is larger than the bootstrap noise.",
-    'held weakly': "**The paper's claim held only weakly on the testbed**: CAV-MAE Sync is ahead in both directions, but the "
-                   "bootstrap interval of at least one gap includes zero.",
-    'did not hold': "**The paper's claim did not hold on the testbed**: CAV-MAE Sync is not ahead of CAV-MAE in both directions.",
-    'no verdict': "**No verdict on the testbed**: neither CAV-MAE Sync nor CAV-MAE retrieves above chance in either direction, "
-                  "so the gap between them is noise; give both a longer budget (-p train_minutes ...).",
-}
-CLASSIFICATION_HEADLINES = {
-    'held': "**The paper's claim held on the testbed**: CAV-MAE Sync classified better than CAV-MAE in every protocol run here.",
-    'held partly': "**The paper's claim held only partly on the testbed**: CAV-MAE Sync classified better in some protocols, not all.",
-    'did not hold': "**The paper's claim did not hold on the testbed**: CAV-MAE Sync did not classify better than CAV-MAE.",
-}
-LOCALIZATION_HEADLINES = {
-    'held': "**The paper's claim held on the testbed**: CAV-MAE Sync's maps find the sounding source better than CAV-MAE's "
-            "(mAP, mIoU and pointing accuracy), and the pointing gap is larger than the bootstrap noise.",
-    'held partly': "**The paper's claim held only partly on the testbed**: CAV-MAE Sync is ahead on some localization measures, or its "
-                   "pointing gap is within the bootstrap noise.",
-    'did not hold': "**The paper's claim did not hold on the testbed**: CAV-MAE Sync's maps do not find the sounding source better than CAV-MAE's.",
-    'no verdict': "**No verdict on the testbed**: neither model's maps score above chance (a map marking every pixel, or a peak on a "
-                  "random pixel), so the gap between them is noise; give both a longer budget (-p train_minutes ...).",
-}
-
-def above_chance(percent: float,       # an observed rate in percent (e.g. R@1)
-                 n: int,               # over this many trials (queries)
-                 chance: float,        # the chance rate in percent
-                 alpha: float = 0.05,  # one-sided significance level
-                ) -> bool:
-    "Whether `percent` of `n` trials is above `chance` beyond binomial noise: an exact one-sided binomial test at level `alpha`."
-    if n <= 0: raise ValueError(f"above_chance needs at least one trial, got n={n}")
-    k, p = round(percent * n / 100), min(max(chance / 100, 0.0), 1.0)
-    if p <= 0: return k > 0
-    if p >= 1: return False
-    def log_pmf(i): return math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-    tail = sum(math.exp(log_pmf(i)) for i in range(k, n + 1))                   # P(X >= k) by chance
-    return k > n * p and tail < alpha
-
-def retrieval_verdict(table: pd.DataFrame,   # one row per direction: 'sync R@1', 'cavmae R@1', 'gain', 'gain 95% low', 'clips'
-                     ) -> Verdict:
-    "The retrieval claim: CAV-MAE Sync's R@1 (diagonal_mean) beats CAV-MAE's best evaluation in both directions."
-    missing = {'sync R@1', 'cavmae R@1', 'gain', 'gain 95% low', 'clips'} - set(table.columns)
-    if missing or table.empty: raise ValueError(f"retrieval_verdict needs one row per direction with columns {sorted(missing) or 'as above'}")
-    learned = [above_chance(row[model], int(row['clips']), 100 / int(row['clips'])) for _, row in table.iterrows()
-               for model in ('sync R@1', 'cavmae R@1')]
-    if not any(learned): outcome = 'no verdict'
-    elif (table['gain 95% low'] > 0).all(): outcome = 'held'
-    elif (table['gain'] > 0).all(): outcome = 'held weakly'
-    else: outcome = 'did not hold'
-    return Verdict(outcome, RETRIEVAL_HEADLINES[outcome])
-
-def classification_verdict(results: pd.DataFrame,            # columns 'model', 'method', 'metric' (one row per model and protocol)
-                           sync: str = 'CAV-MAE Sync (tiny)',  # the model the claim is about
-                           baseline: str = 'CAV-MAE (tiny)',   # the model it is compared with
-                          ) -> Verdict:
-    "The classification claim: CAV-MAE Sync's metric beats CAV-MAE's in every protocol (linear probe, fine-tuning) both ran."
-    table = results.pivot_table(index='method', columns='model', values='metric')
-    if sync not in table or baseline not in table: raise ValueError(f"classification_verdict needs rows of {sync!r} and {baseline!r}")
-    wins = (table[sync] > table[baseline])[table[[sync, baseline]].notna().all(axis=1)]
-    if wins.empty: raise ValueError(f"classification_verdict: no protocol has results of both {sync!r} and {baseline!r}")
-    outcome = 'held' if wins.all() else 'held partly' if wins.any() else 'did not hold'
-    return Verdict(outcome, CLASSIFICATION_HEADLINES[outcome])
-
-def localization_verdict(table: pd.DataFrame,   # rows 'metric' mAP, mIoU, pointing_accuracy; 'CAV-MAE Sync', 'CAV-MAE', 'gain', 'gain 95% low', 'chance'
-                        ) -> Verdict:
-    "The localization claim: CAV-MAE Sync's maps beat CAV-MAE's on every measure, the pointing gap beyond the bootstrap noise."
-    rows = table.set_index('metric')
-    if set(rows.index) != {'mAP', 'mIoU', 'pointing_accuracy'}: raise ValueError(f"localization_verdict needs the rows mAP, mIoU, pointing_accuracy; got {list(rows.index)}")
-    if not ((rows['CAV-MAE Sync'] > rows['chance']) | (rows['CAV-MAE'] > rows['chance'])).any(): outcome = 'no verdict'
-    elif (rows['gain'] > 0).all() and rows.loc['pointing_accuracy', 'gain 95% low'] > 0: outcome = 'held'
-    elif (rows['gain'] > 0).any(): outcome = 'held partly'
-    else: outcome = 'did not hold'
-    return Verdict(outcome, LOCALIZATION_HEADLINES[outcome])
-
-def gap_direction(row) -> str:
-    "'better', 'worse' or 'no clear difference': where the 95% interval of a gain ('gain 95% low', 'gain 95% high') lies."
-    return 'better' if row['gain 95% low'] > 0 else 'worse' if row['gain 95% high'] < 0 else 'no clear difference'
-
-def ablation_claim(removal: pd.DataFrame,   # the gap rows of the variant that removes an ingredient (gain = variant - reference)
-                  ) -> str:
-    "Whether removing an ingredient (or using CAV-MAE instead of Sync) hurt, judged by the first row's 95% interval."
-    if removal.empty: return 'not run'
-    r = removal.iloc[0]
-    if r['gain 95% high'] < 0: return f"held ({r['gain']:+.1f} points)"
-    if r['gain 95% low'] > 0: return f"did not hold: the opposite ({r['gain']:+.1f} points)"
-    return f"not shown: within the bootstrap noise ({r['gain']:+.1f} points)"
+# %% ../nbs/12_reproduce.ipynb #b2c3d4e5
+def testbed_checkpoints(root,                    # the testbed folder (train.json, test.json, labels.csv)
+                        models: dict,            # {name: (kind, {tiny() fields it changes})}, kind 'sync' or 'cavmae'
+                        steps: int,              # optimizer steps of every model (the budget, equal for all)
+                        batch_size: int = 32,    # clips per step
+                        seed: int = 0,           # one seed for every model
+                        evaluations: int = 3,    # held-out retrieval evaluations during each run (the learning curve)
+                        max_minutes: float | None = None,   # a guard per model: past it, stop and warn (a later call resumes)
+                        progress: bool = False,
+                        **overrides,             # other PretrainConfig fields of every model (part of their cache key)
+                       ) -> dict:                # {name: checkpoint path}
+    "Checkpoints of the compared tiny models, all trained with the same step budget, batch size and seed."
+    from cavmae_sync.testbed import pretrained_tiny, tiny_pretrain_config
+    checkpoints = {}
+    for name, (kind, fields) in models.items():
+        model = {'model': dataclasses.replace(tiny_pretrain_config(kind, root, **overrides).model, **fields)} if fields else {}
+        with cache_lock('models'):      # another notebook training the same model at once: wait, then read it from the cache
+            checkpoints[name] = pretrained_tiny(kind, root, steps=steps, batch_size=batch_size, seed=seed, evaluations=evaluations, max_minutes=max_minutes,
+                                                progress=progress, **overrides, **model)
+    return checkpoints

@@ -4,28 +4,25 @@
 
 # %% ../nbs/09_retrieval.ipynb #759d9394
 from __future__ import annotations
-import hashlib, json, os, warnings
-from dataclasses import dataclass, field, asdict, is_dataclass
+import dataclasses, json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
-from .config import PreprocessConfig, file_identity
-from .checkpoint import atomic_torch_save, safe_load
+from .config import data_dir, project_root
+from .embeddings import clip_ids, clip_sources, embed_dataset, model_preprocess_config
+from .metrics import recall_hits, recall_metrics
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'EVAL_PRECISIONS', 'similarity', 'RankCounts', 'rank_counts', 'retrieval_ranks', 'recall_hits',
-           'recall_metrics', 'retrieval_table', 'ClipEmbeddings', 'model_fingerprint', 'clip_ids', 'media_fingerprint',
-           'dataset_fingerprint', 'clip_loader', 'evaluation_autocast', 'precision_tag', 'encode_clip_batch',
-           'iterate_encoded', 'embed_dataset', 'class_balanced_subset', 'RetrievalSubset', 'paper_list_path',
-           'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset', 'VideoEmbedding',
-           'model_preprocess_config', 'embed_video']
+__all__ = ['STRATEGIES', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset', 'paper_list_path',
+           'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset', 'RetrievalRun',
+           'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations', 'paper_table',
+           'paper_side_by_side', 'plot_retrieval']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
@@ -78,75 +75,6 @@ def similarity(audio: torch.Tensor,                 # (Na, T, D) audio embedding
         del pair_scores                                                 # free the block before the next one is made
     return scores
 
-# %% ../nbs/09_retrieval.ipynb #898267e8
-@dataclass
-class RankCounts:
-    "Where each query's true match stands: candidates scored strictly higher, and other candidates tied with it."
-    higher: torch.Tensor          # (N,) int64: candidates with a strictly higher score
-    tied: torch.Tensor            # (N,) int64: other candidates with exactly the true match's score
-
-    def __len__(self): return len(self.higher)
-
-    @property
-    def expected_rank(self) -> torch.Tensor:              # (N,) float64, 1 = best
-        "Rank of the true match, in expectation over a uniformly random order among tied candidates."
-        return self.higher.double() + 1 + self.tied.double() / 2
-
-    def hits(self, k: int) -> torch.Tensor:                # (N,) float64 in [0, 1]
-        "Per query, the probability that the true match ranks k or better under a random order among ties."
-        if k < 1: raise ValueError(f"k must be at least 1, got {k}")
-        return ((k - self.higher.double()) / (self.tied.double() + 1)).clamp(0, 1)
-
-    @property
-    def num_tied(self) -> int:
-        "Queries whose true match is tied with at least one other candidate."
-        return int((self.tied > 0).sum())
-
-def _square_scores(similarity) -> torch.Tensor:
-    if not isinstance(similarity, torch.Tensor): similarity = torch.as_tensor(np.asarray(similarity))
-    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
-        raise ValueError(f"recall needs a square (N, N) similarity matrix with true matches on the diagonal, got {tuple(similarity.shape)}")
-    if similarity.shape[0] == 0: raise ValueError("the similarity matrix is empty")
-    if torch.isnan(similarity).any(): raise ValueError("the similarity matrix contains NaN")
-    return similarity
-
-def rank_counts(similarity: torch.Tensor,   # (N, N): rows are queries, the true match of row i is column i
-                chunk_size: int = 4096,      # rows compared at a time
-               ) -> RankCounts:
-    "Per query, how many candidates score strictly higher than the true match and how many others tie with it."
-    similarity = _square_scores(similarity)
-    n = similarity.shape[0]
-    true_scores = similarity.diagonal()                                   # (N,)
-    higher, tied = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
-    for start in range(0, n, chunk_size):
-        block = similarity[start:start + chunk_size]                      # (c, N)
-        truth = true_scores[start:start + chunk_size, None]               # (c, 1)
-        higher[start:start + chunk_size] = (block > truth).sum(1).cpu()
-        tied[start:start + chunk_size] = (block == truth).sum(1).cpu() - 1   # the true match itself is not a tie
-    return RankCounts(higher, tied)
-
-def retrieval_ranks(similarity: torch.Tensor,   # (N, N): rows are queries, the true match of row i is column i
-                    chunk_size: int = 4096,      # rows compared at a time
-                   ) -> torch.Tensor:            # (N,) float64 expected ranks, 1 = best
-    "Expected rank of each query's true match under a random order among tied candidates (the plain rank without ties)."
-    return rank_counts(similarity, chunk_size).expected_rank
-
-def recall_hits(similarity: torch.Tensor,        # (N, N): rows are queries, the true match of row i is column i
-                k: int = 1,                      # the k of R@k
-               ) -> torch.Tensor:                # (N,) float64: P(rank <= k) per query; its mean is R@k / 100
-    "Per-query recall at k, in expectation over a random order among ties (e.g. for a paired bootstrap of R@1)."
-    return rank_counts(similarity).hits(k)
-
-def recall_metrics(similarity: torch.Tensor,     # (N, N): rows are queries, the true match of row i is column i
-                   ks: Sequence[int] = (1, 5, 10),  # the k of each R@k
-                  ) -> dict:                     # {'R@1': %, 'R@5': %, 'R@10': %, 'MR': median expected rank, 'ties': queries}
-    "Recall at k (percent, expected under random tie order), median rank and the number of queries that met a tie."
-    counts = rank_counts(similarity)
-    metrics = {f'R@{k}': float(counts.hits(k).mean() * 100) for k in ks}
-    metrics['MR'] = float(np.median(counts.expected_rank.numpy()))
-    metrics['ties'] = counts.num_tied
-    return metrics
-
 # %% ../nbs/09_retrieval.ipynb #b766a103
 def retrieval_table(audio: torch.Tensor,                    # (N, T, D) audio embeddings, L2-normalized
                     video: torch.Tensor,                    # (N, T, D) visual embeddings, clip i matches audio i
@@ -162,264 +90,6 @@ def retrieval_table(audio: torch.Tensor,                    # (N, T, D) audio em
         for direction, matrix in (('audio_to_video', scores), ('video_to_audio', scores.T)):
             rows.append({'strategy': strategy, 'direction': direction, **recall_metrics(matrix, ks)})
     return pd.DataFrame(rows)
-
-# %% ../nbs/09_retrieval.ipynb #66adf636
-@dataclass
-class ClipEmbeddings:
-    "Per-frame audio and visual embeddings of N clips."
-    audio: torch.Tensor                  # (N, T, D) float32, L2-normalized per frame
-    video: torch.Tensor                  # (N, T, D)
-    video_ids: list[str]                 # N clip ids, in data set order
-    skipped: list[int] = field(default_factory=list)   # data set positions the data set could not load (skip_errors)
-    fingerprint: str = ''                # model + data fingerprint the embeddings were computed with
-
-    def __post_init__(self):
-        if self.audio.ndim != 3 or self.audio.shape != self.video.shape:
-            raise ValueError(f"audio and video embeddings must both be (N, T, D), got {tuple(self.audio.shape)} and {tuple(self.video.shape)}")
-        if len(self.video_ids) != len(self.audio): raise ValueError(f"{len(self.video_ids)} ids for {len(self.audio)} clips")
-
-    def __len__(self): return len(self.audio)
-
-    def subset(self, indices) -> 'ClipEmbeddings':
-        "The clips at `indices` (e.g. a `class_balanced_subset`)."
-        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ClipEmbeddings(self.audio[indices], self.video[indices], [self.video_ids[i] for i in indices.tolist()],
-                              fingerprint=self.fingerprint)
-
-    def table(self, strategies: Sequence[str] = STRATEGIES, **kwargs) -> pd.DataFrame:
-        "`retrieval_table` of these clips."
-        return retrieval_table(self.audio, self.video, strategies, **kwargs)
-
-    def save(self, path):
-        "Write atomically: a temporary file in the same folder, then a rename."
-        atomic_torch_save({'format': 'cavmae_sync.ClipEmbeddings/1', **asdict(self)}, path)
-
-    @classmethod
-    def load(cls, path) -> 'ClipEmbeddings':
-        data = safe_load(path)            # weights-only: a cache file never runs code
-        if not isinstance(data, dict) or data.get('format') != 'cavmae_sync.ClipEmbeddings/1':
-            raise ValueError(f"{path}: not a ClipEmbeddings file")
-        data.pop('format')
-        return cls(**data)
-
-# %% ../nbs/09_retrieval.ipynb #8407a703
-def _jsonable(x):
-    if is_dataclass(x) and not isinstance(x, type): return {k: _jsonable(v) for k, v in asdict(x).items()}
-    if isinstance(x, dict): return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None: return x
-    return str(x)
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    "A hash of a model's configuration and of every element of every tensor of its state dict."
-    digest = hashlib.sha256()
-    digest.update(json.dumps(_jsonable(getattr(model, 'config', None)), sort_keys=True).encode())
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        digest.update(f'{name}|{tuple(tensor.shape)}|{tensor.dtype}'.encode())
-        if tensor.numel():
-            flat = tensor.cpu().contiguous().reshape(-1)                   # (numel,) the exact values, no conversion
-            data = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
-            digest.update(memoryview(data.numpy()))                        # every byte, without a copy
-    return digest.hexdigest()[:16]
-
-def clip_ids(dataset) -> list[str] | None:
-    "Clip ids of a data set when it exposes them (`video_ids`, a `data.ClipDataset`'s sources, through `Subset`s), else None."
-    if isinstance(dataset, Subset):
-        parent = clip_ids(dataset.dataset)
-        return None if parent is None else [parent[i] for i in dataset.indices]
-    ids = getattr(dataset, 'video_ids', None)
-    if callable(ids): ids = ids()
-    if ids is None and hasattr(dataset, 'sources'):                       # data.ClipDataset: one ClipSource per clip
-        ids = [getattr(source, 'video_id', None) for source in dataset.sources]
-        if None in ids: ids = None
-    return [str(i) for i in ids] if ids is not None else None
-
-def _clip_sources(dataset) -> list | None:
-    "The `ClipSource` of each clip (through `Subset`s), or None when the data set has no `sources`."
-    if isinstance(dataset, Subset):
-        parent = _clip_sources(dataset.dataset)
-        return None if parent is None else [parent[i] for i in dataset.indices]
-    sources = getattr(dataset, 'sources', None)
-    return list(sources) if isinstance(sources, (list, tuple)) else None
-
-def media_fingerprint(dataset) -> str | None:
-    "A hash of the path, size and modification time (ns) of every media file behind a data set's clips; None when it names none."
-    sources = _clip_sources(dataset)
-    if sources is None: return None
-    digest, frame_folders = hashlib.sha256(), {}
-    for source in sources:
-        for attribute in ('video', 'audio'):
-            path = getattr(source, attribute, None)
-            if path is not None: digest.update(file_identity(path).encode() + b'\n')
-        root = getattr(source, 'frame_root', None)
-        if root is not None:                                               # pre-extracted layout: root/frame_{i}/{video_id}.jpg
-            if root not in frame_folders:
-                try: frame_folders[root] = sorted(e.name for e in os.scandir(root) if e.name.startswith('frame_') and e.is_dir())
-                except OSError: frame_folders[root] = []
-            digest.update(f'{root}|{len(frame_folders[root])} frame folders\n'.encode())
-            for folder in frame_folders[root]:
-                digest.update(file_identity(Path(root) / folder / f'{source.video_id}.jpg').encode() + b'\n')
-    return digest.hexdigest()
-
-def dataset_fingerprint(dataset) -> str:
-    "A hash of a data set's type, length, clip ids, preprocessing configuration and media files (path, size, mtime)."
-    description = {'type': type(dataset).__qualname__, 'length': len(dataset)}
-    ids = clip_ids(dataset)
-    if ids is not None: description['ids'] = hashlib.sha256('\n'.join(ids).encode()).hexdigest()
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    for attribute in ('fingerprint', 'config', 'mode', 'datafile', 'root', 'num_frames'):
-        value = getattr(base, attribute, None)
-        if callable(value) and attribute == 'fingerprint': value = value()
-        if value is not None and not callable(value): description[attribute] = _jsonable(value)
-    media = media_fingerprint(dataset)
-    if media is not None: description['media'] = media
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-
-# %% ../nbs/09_retrieval.ipynb #a44671cd
-class _Positions(Dataset):
-    "Items of `dataset` at `positions`, each returned with its position so failed loads can be counted."
-    def __init__(self, dataset, positions): self.dataset, self.positions = dataset, list(positions)
-    def __len__(self): return len(self.positions)
-    def __getitem__(self, i):
-        position = self.positions[i]
-        return position, self.dataset[position]
-
-def _collate_clips(batch):
-    "Stack the clips' audio and frames; items the data set returned as None (skip_errors) are dropped and listed."
-    loaded = [(p, item) for p, item in batch if item is not None]
-    out = {'positions': [p for p, _ in loaded], 'skipped': [p for p, item in batch if item is None]}
-    if loaded:
-        for key in ('audio', 'frames'):
-            if key not in loaded[0][1]: raise KeyError(f"data set items need '{key}' (T frames per clip, mode='eval'); got keys {sorted(loaded[0][1])}")
-            out[key] = torch.stack([torch.as_tensor(item[key]) for _, item in loaded])
-        if 'labels' in loaded[0][1]: out['labels'] = torch.stack([torch.as_tensor(item['labels']) for _, item in loaded])
-        if 'video_id' in loaded[0][1]: out['video_id'] = [str(item['video_id']) for _, item in loaded]
-    return out
-
-def clip_loader(dataset, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False, start: int = 0) -> DataLoader:
-    """Batches {'positions', 'skipped', 'audio' (B, T, L, mel), 'frames' (B, T, 3, H, W), 'labels', 'video_id'} of the
-    items from position `start` on, in order; items a data set returns as None are listed in 'skipped'."""
-    return DataLoader(_Positions(dataset, range(start, len(dataset))), batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=_collate_clips, pin_memory=pin_memory)
-
-def _model_device(model, device):
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-EVAL_PRECISIONS = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
-
-def evaluation_autocast(device,                   # where the encoder runs
-                        precision: str = 'fp16',  # CUDA autocast: 'fp16' (the released evaluation's), 'bf16' or 'fp32' (none)
-                       ):
-    "The autocast context of evaluation: fp16 on CUDA by default, as the released code; nothing on a CPU."
-    if precision not in EVAL_PRECISIONS: raise ValueError(f"precision must be one of {tuple(EVAL_PRECISIONS)}, got {precision!r}")
-    device = torch.device(device)
-    dtype = EVAL_PRECISIONS[precision]
-    return torch.autocast('cuda', dtype=dtype or torch.float16, enabled=device.type == 'cuda' and dtype is not None)
-
-def precision_tag(device, precision: str = 'fp16') -> str:
-    "What a cache key must add for the numeric format: '' on a CPU (always fp32), '-cuda-<precision>' on a GPU."
-    if precision not in EVAL_PRECISIONS: raise ValueError(f"precision must be one of {tuple(EVAL_PRECISIONS)}, got {precision!r}")
-    return f'-cuda-{precision}' if torch.device(device).type == 'cuda' else ''
-
-@torch.inference_mode()
-def encode_clip_batch(model,                      # a `CAVMAESync` (anything with `encode(audio, frames)`)
-                      audio: torch.Tensor,        # (B, T, L, mel) audio windows
-                      frames: torch.Tensor,       # (B, T, 3, H, W) frames
-                      device=None,
-                      normalize: bool = True,     # L2-normalize each frame's embedding
-                      whole_clip_audio: bool = False,  # the T windows of a clip are one whole-clip spectrogram (CAV-MAE): encode it once
-                      precision: str = 'fp16',    # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
-                     ) -> tuple[torch.Tensor, torch.Tensor]:   # audio, video embeddings (B, T, D) float32 on the CPU
-    "All T frames of B clips through the encoder as one (B*T) batch."
-    if audio.ndim != 4 or frames.ndim != 5 or audio.shape[:2] != frames.shape[:2]:
-        raise ValueError(f"expected audio (B, T, L, mel) and frames (B, T, 3, H, W) with the same B, T; got {tuple(audio.shape)} and {tuple(frames.shape)}")
-    device = _model_device(model, device)
-    B, T = audio.shape[:2]
-    if whole_clip_audio and not torch.equal(audio[:, :1].expand_as(audio), audio):
-        raise ValueError("whole_clip_audio=True, but the audio windows of a clip differ: the data set's window must cover the whole "
-                         f"clip spectrogram (window {audio.shape[2]} frames here)")
-    with evaluation_autocast(device, precision):
-        if whole_clip_audio:      # one audio embedding per clip, paired with each of its T frames
-            audio_emb = model.encode_audio(audio[:, 0].to(device, non_blocking=True)).embedding                  # (B, D)
-            audio_emb = audio_emb[:, None].expand(B, T, -1).flatten(0, 1)                                      # (B*T, D)
-            video_emb = model.encode_video(frames.flatten(0, 1).to(device, non_blocking=True)).embedding       # (B*T, D)
-        else:
-            out = model.encode(audio.flatten(0, 1).to(device, non_blocking=True), frames.flatten(0, 1).to(device, non_blocking=True))
-            audio_emb, video_emb = out.audio_embedding, out.video_embedding                                    # (B*T, D)
-    audio_emb, video_emb = audio_emb.float(), video_emb.float()                                                # (B*T, D)
-    if normalize: audio_emb, video_emb = F.normalize(audio_emb, dim=-1), F.normalize(video_emb, dim=-1)
-    return audio_emb.reshape(B, T, -1).cpu(), video_emb.reshape(B, T, -1).cpu()          # (B, T, D)
-
-def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_workers: int = 0, normalize: bool = True,
-                    start: int = 0, progress: bool = True, desc: str = 'embedding clips', whole_clip_audio: bool = False,
-                    precision: str = 'fp16') -> Iterator[dict]:
-    """Encode a data set batch by batch in eval mode (CUDA: `precision` autocast, fp16 by default): yields {'positions',
-    'skipped', 'audio' (B, T, D), 'video', 'labels' (if the items have them), 'video_id' (if they have them)} per batch."""
-    device = _model_device(model, device)
-    precision_tag(device, precision)                                       # refuse an unknown precision before decoding anything
-    loader = clip_loader(dataset, batch_size, num_workers, pin_memory=device.type == 'cuda', start=start)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, unit='batch'):
-            if batch['positions']:
-                batch['audio'], batch['video'] = encode_clip_batch(model, batch.pop('audio'), batch.pop('frames'), device, normalize,
-                                                                   whole_clip_audio, precision)
-            yield batch
-    finally: model.train(was_training)
-
-# %% ../nbs/09_retrieval.ipynb #b761ad30
-def embed_dataset(model,                          # a `CAVMAESync` model
-                  dataset,                        # eval items {'audio': (T, L, mel), 'frames': (T, 3, H, W)}
-                  batch_size: int = 8,            # clips per encoder call (B*T pairs)
-                  device=None,                    # default: the model's device
-                  num_workers: int = 0,           # DataLoader workers decoding clips
-                  cache_path=None,                # file to keep the embeddings in; reused when its fingerprint matches
-                  overwrite: bool = False,        # recompute when the cache was made by another model / data set
-                  save_every: int = 100,          # batches between partial saves (resume after an interruption)
-                  progress: bool = True,
-                  whole_clip_audio: bool = False, # CAV-MAE: one whole-clip audio embedding per clip, paired with each of its T frames
-                  precision: str = 'fp16',        # CUDA autocast: 'fp16' (as the released evaluation), 'bf16' or 'fp32'; CPU: fp32
-                 ) -> ClipEmbeddings:
-    "Per-frame audio and visual embeddings of every clip of a data set, kept in `cache_path` when given."
-    fingerprint = (f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}' + ('-whole-clip-audio' if whole_clip_audio else '')
-                   + precision_tag(_model_device(model, device), precision))
-    cache_path = Path(cache_path) if cache_path is not None else None
-    partial_path = cache_path.with_name(cache_path.name + '.partial') if cache_path else None
-    if cache_path is not None and cache_path.exists():
-        cached = ClipEmbeddings.load(cache_path)
-        if cached.fingerprint == fingerprint: return cached
-        if not overwrite:
-            raise ValueError(f"{cache_path}: embeddings of another model or data set, or of media files replaced since "
-                             f"(fingerprint {cached.fingerprint}, now {fingerprint}); pass overwrite=True to recompute or choose another cache_path")
-    audio, video, ids, skipped, start = [], [], [], [], 0
-    if partial_path is not None and partial_path.exists():
-        state = safe_load(partial_path)
-        if state.get('fingerprint') == fingerprint:
-            audio, video, ids, skipped, start = [state['audio']], [state['video']], state['video_ids'], state['skipped'], state['next_position']
-    known_ids = clip_ids(dataset)
-
-    def save_partial(next_position):
-        atomic_torch_save({'fingerprint': fingerprint, 'audio': torch.cat(audio), 'video': torch.cat(video), 'video_ids': ids,
-                      'skipped': skipped, 'next_position': next_position}, partial_path)
-
-    batches = iterate_encoded(model, dataset, batch_size, device, num_workers, start=start, progress=progress,
-                              whole_clip_audio=whole_clip_audio, precision=precision)
-    for step, batch in enumerate(batches, 1):
-        skipped += batch['skipped']
-        if batch['positions']:
-            audio.append(batch['audio']); video.append(batch['video'])
-            ids += batch.get('video_id') or [known_ids[p] if known_ids else str(p) for p in batch['positions']]
-        if partial_path is not None and step % save_every == 0 and audio:
-            save_partial(max(batch['positions'] + batch['skipped']) + 1)
-    if not audio: raise ValueError(f"no clip of the data set ({len(dataset)} items, {len(skipped)} skipped) could be embedded")
-    result = ClipEmbeddings(torch.cat(audio), torch.cat(video), ids, sorted(skipped), fingerprint)
-    if skipped: warnings.warn(f"embed_dataset: {len(skipped)} clips could not be loaded and were skipped (positions {sorted(skipped)[:10]}...)")
-    if cache_path is not None:
-        result.save(cache_path)
-        if partial_path.exists(): partial_path.unlink()
-    return result
 
 # %% ../nbs/09_retrieval.ipynb #f826e089
 def class_balanced_subset(labels,                  # (N,) class indices, or (N, C) one-hot / multi-hot targets
@@ -548,36 +218,107 @@ def evaluation_subset(dataset,                    # the user's test data set (`d
     "The retrieval subset of a real data set: the paper's VGGSound list, a user's list, or a draw labelled as not the paper's."
     if list_file is not None: return list_subset(list_file, dataset)
     if name == 'vggsound': return paper_subset(dataset)
-    sources = _clip_sources(dataset)
+    sources = clip_sources(dataset)
     if sources is None or any(getattr(s, 'labels', None) is None for s in sources):
         raise ValueError(f"drawing {per_class} clips per class needs the clips' labels (a data set built with a label CSV), or pass list_file")
     return drawn_subset(torch.stack([torch.as_tensor(s.labels) for s in sources]), [s.video_id for s in sources], per_class, seed)
 
-# %% ../nbs/09_retrieval.ipynb #f0a3c73c
+# %% ../nbs/09_retrieval.ipynb #rr01aa01
 @dataclass
-class VideoEmbedding:
-    "Per-frame embeddings of one video."
-    audio: torch.Tensor                   # (T, D) L2-normalized audio-window embeddings
-    video: torch.Tensor                   # (T, D) L2-normalized frame embeddings
-    path: str
-    frame_times: torch.Tensor | None = None   # (T,) seconds of each frame
+class RetrievalRun:
+    "The embeddings and the retrieval table of every evaluation of a run."
+    embeddings: dict           # {evaluation name: ClipEmbeddings}
+    table: pd.DataFrame        # one row per (model, strategy, direction): R@1/5/10, MR, ties, clips
 
-def model_preprocess_config(model) -> PreprocessConfig:
-    "The preprocessing a model expects (`ModelConfig.preprocess_config`): frames, window, image size, mel bins and frame preset."
-    return model.config.preprocess_config()
+    def hits(self, name: str, strategy: str = 'diagonal_mean') -> dict:
+        "{direction: (N,) per-query R@1} of one evaluation."
+        return retrieval_hits(self.embeddings[name], strategy)
 
-def embed_video(path,                              # a video file with an audio track
-                model,                             # a `CAVMAESync` model
-                config: PreprocessConfig | None = None,   # default: `model_preprocess_config(model)`
-                device=None,
-                precision: str = 'fp16',           # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
-               ) -> VideoEmbedding:
-    "T audio and T visual embeddings of one video file."
-    from cavmae_sync.data import load_clip
-    config = config or model_preprocess_config(model)
-    clip = load_clip(path, config=config)                                             # frames (T, 3, S, S), audio (T, L, mel)
-    was_training = model.training
-    model.eval()
-    try: audio, video = encode_clip_batch(model, clip.audio[None], clip.frames[None], device, precision=precision)   # (1, T, D)
-    finally: model.train(was_training)
-    return VideoEmbedding(audio[0], video[0], str(path), getattr(clip, 'frame_times', None))
+def retrieval_hits(embeddings,                     # a `ClipEmbeddings` (audio and video (N, T, D))
+                   strategy: str = 'diagonal_mean',
+                  ) -> dict:                       # {direction: (N,) expected R@1 hit of each query}
+    "Per-query R@1 (ties counted in expectation, as the tables) in both directions."
+    scores = similarity(embeddings.audio, embeddings.video, strategy)                # (N, N) audio x video
+    return {'audio_to_video': recall_hits(scores, 1).double().numpy(), 'video_to_audio': recall_hits(scores.T, 1).double().numpy()}
+
+def embedding_cache(tag: str, name: str) -> Path:
+    "The embedding cache file of evaluation `name` in a run tagged `tag` (the data set, checkpoint and subset)."
+    slug = ''.join(ch if ch.isalnum() or ch in '-.' else '_' for ch in f'{tag}_{name}')
+    return data_dir() / 'embeddings' / f'retrieval_{slug}.pt'
+
+def run_retrieval(evaluations: dict,     # {name: (model, clips, whole_clip)}: whole_clip = one audio input per clip
+                  cache_tag: str,        # names the caches of this run (e.g. the testbed folder)
+                  batch_size: int = 16,  # clips per encoder call
+                  num_workers: int = 0,  # DataLoader processes decoding clips
+                  progress: bool = False,
+                 ) -> RetrievalRun:
+    "Embed every evaluation (cached) and score both directions with every strategy."
+    embeddings, rows = {}, []
+    for name, (model, clips, whole_clip) in evaluations.items():
+        embeddings[name] = embed_dataset(model, clips, batch_size, num_workers=num_workers, cache_path=embedding_cache(cache_tag, name),
+                                         overwrite=True, progress=progress, whole_clip_audio=whole_clip)
+        rows.append(embeddings[name].table().assign(clips=len(embeddings[name])))
+        rows[-1].insert(0, 'model', name)
+    return RetrievalRun(embeddings, pd.concat(rows, ignore_index=True))
+
+def testbed_evaluations(sync_model,                  # the tiny CAV-MAE Sync
+                        cavmae_model,                # the tiny CAV-MAE baseline
+                        clips_for: Callable,         # PreprocessConfig -> the test clips read with it
+                       ) -> dict:                    # {name: (model, clips, whole_clip)}
+    "CAV-MAE Sync as it retrieves, and the CAV-MAE baseline both as trained (1 frame) and against all T frames."
+    sync_config, cavmae_config = model_preprocess_config(sync_model), model_preprocess_config(cavmae_model)
+    every_frame = dataclasses.replace(cavmae_config, num_frames=sync_config.num_frames)
+    return {'CAV-MAE Sync (tiny)': (sync_model, clips_for(sync_config), False),
+            'CAV-MAE (tiny), 1 frame': (cavmae_model, clips_for(cavmae_config), False),
+            f'CAV-MAE (tiny), {every_frame.num_frames} frames': (cavmae_model, clips_for(every_frame), True)}
+
+# %% ../nbs/09_retrieval.ipynb #rr04aa04
+def paper_table() -> pd.DataFrame:
+    "The paper's Table 1 rows (dataset, method, direction, R1, R5, R10)."
+    return pd.read_csv(project_root() / 'data' / 'paper_retrieval.csv')
+
+def paper_side_by_side(table: pd.DataFrame,   # `RetrievalRun.table`
+                       dataset: str,          # 'synthetic', 'vggsound' or 'audioset'
+                       method: str = 'CAV-MAE Sync',   # real data: which paper row the evaluated checkpoint is
+                      ) -> pd.DataFrame:
+    "Real data: ours and the paper's R@k per direction; testbed: R@k of each model and the Sync gain, ours beside the paper's."
+    paper = paper_table()
+    paper = paper[paper['method'].isin(['CAV-MAE', 'CAV-MAE Sync'])]
+    ours = table[table['strategy'] == 'diagonal_mean']
+    if dataset != 'synthetic':
+        reference, mine = paper[paper['dataset'] == dataset].set_index(['method', 'direction']), ours.set_index('direction')
+        return pd.DataFrame([{'direction': d, 'metric': f'R@{k}', 'paper CAV-MAE': reference.loc[('CAV-MAE', d), f'R{k}'],
+                              'paper CAV-MAE Sync': reference.loc[('CAV-MAE Sync', d), f'R{k}'], 'ours': float(mine.loc[d, f'R@{k}']),
+                              'compared with': method, 'ours - paper': float(mine.loc[d, f'R@{k}']) - reference.loc[(method, d), f'R{k}']}
+                             for d in ('audio_to_video', 'video_to_audio') for k in (1, 5, 10)])
+    rows = pd.concat([paper.assign(source='paper: ' + paper['dataset'])[['source', 'method', 'direction', 'R1', 'R5', 'R10']],
+                      pd.DataFrame({'source': 'ours: synthetic testbed', 'method': ours['model'], 'direction': ours['direction'],
+                                    'R1': ours['R@1'], 'R5': ours['R@5'], 'R10': ours['R@10']})], ignore_index=True)
+    is_sync = rows['method'].str.startswith('CAV-MAE Sync')
+    best = rows.groupby(['source', 'direction', is_sync.rename('sync')])['R1'].max().unstack('sync')    # best of each side
+    rows['Sync gain in R@1 (points)'] = [best.loc[(s, d), True] - best.loc[(s, d), False] for s, d in zip(rows['source'], rows['direction'])]
+    return rows
+
+# %% ../nbs/09_retrieval.ipynb #rr06aa06
+def plot_retrieval(run: RetrievalRun,        # the evaluations to draw
+                   class_set_of: dict,       # {video_id: tuple of classes}: the blocks of the similarity matrices
+                   title: str,               # e.g. the data set's name
+                  ):
+    "R@1/5/10 bars of every evaluation (diagonal_mean), and the similarity matrices of two of them, clips sorted by class set."
+    import matplotlib.pyplot as plt
+    names = list(run.embeddings)
+    shown = [n for n in names if 'Sync' in n][:1] + [n for n in names if 'Sync' not in n][-1:]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(5 + 4.2 * len(shown), 4.2), squeeze=False)
+    rows, width = run.table[run.table['strategy'] == 'diagonal_mean'], 0.8 / len(names)
+    for i, name in enumerate(names):
+        part = rows[rows['model'] == name].set_index('direction')
+        axes[0, 0].bar(np.arange(6) + i * width, [part.loc[d, f'R@{k}'] for d in ('audio_to_video', 'video_to_audio') for k in (1, 5, 10)], width, label=name)
+    axes[0, 0].set_xticks(np.arange(6) + 0.4 - width / 2, ['a→v R@1', 'a→v R@5', 'a→v R@10', 'v→a R@1', 'v→a R@5', 'v→a R@10'], rotation=30)
+    axes[0, 0].set_ylabel('%'); axes[0, 0].set_title(f'retrieval on {title}'); axes[0, 0].legend(fontsize=7)
+    for ax, name in zip(axes[0, 1:], shown):
+        emb = run.embeddings[name]
+        order = sorted(range(len(emb)), key=lambda i: (class_set_of.get(emb.video_ids[i], ()), i))
+        ax.imshow(similarity(emb.audio, emb.video, 'diagonal_mean')[order][:, order].numpy(), cmap='viridis')   # (N, N) by class set
+        ax.set_title(f'{name}\nsimilarity, clips sorted by class set', fontsize=9); ax.set_xlabel('video clip'); ax.set_ylabel('audio clip')
+    fig.tight_layout()
+    return fig

@@ -19,7 +19,7 @@ from .audio import clip_spectrogram, frame_windows
 from .data import find_videos, read_clip_audio
 from .video import check_media_file, eval_transform
 from .checkpoint import atomic_torch_save, safe_load, load_model_file
-from .retrieval import embed_video, model_fingerprint, model_preprocess_config, evaluation_autocast
+from .embeddings import embed_video, model_fingerprint, model_preprocess_config, evaluation_autocast
 
 # %% auto #0
 __all__ = ['INDEX_FORMAT', 'AGAINST', 'SearchHit', 'ClipIndex', 'embed_file', 'build_index', 'embed_audio_file',

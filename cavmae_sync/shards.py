@@ -17,12 +17,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import PreprocessConfig, MediaError, atomic_file
-from .video import eval_transform, train_transform
-from .data import find_videos, video_id_of, read_video_labels, released_extraction, audio_windows
+from .video import eval_transform
+from .data import find_videos, video_id_of, read_video_labels, released_extraction, audio_windows, collate_clips
+from .batch_decode import RawSample, draw_crop, apply_crop, normalize_frames, collate_raw
 
 # %% auto #0
-__all__ = ['SHARD_BYTES', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'read_samples', 'is_shard_folder',
-           'shard_sizes', 'list_shards', 'ShardDataset']
+__all__ = ['SHARD_BYTES', 'BLOCK', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'tar_members', 'read_samples',
+           'is_shard_folder', 'shard_sizes', 'list_shards', 'ShardDataset']
 
 # %% ../nbs/15_shards.ipynb #62bb75e7
 SHARD_BYTES = 1_000_000_000        # about 1 GB per shard: large sequential reads, few files
@@ -125,22 +126,65 @@ def write_shards(videos,                           # folder of video files (sear
     return index
 
 # %% ../nbs/15_shards.ipynb #caae7b2f
+BLOCK = 512                        # tar's record unit: a header, and data padded to a multiple of it
+
+def _octal(field: bytes) -> int:
+    "A tar header number: NUL/space-terminated octal, or base-256 (GNU) when the first byte has its high bit set."
+    if field[:1] and field[0] & 0x80: return int.from_bytes(field[1:], 'big')
+    text = field.split(b'\0', 1)[0].strip()
+    return int(text, 8) if text else 0
+
+def tar_members(stream, shard) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file of a tar stream, read sequentially; `tarfile` costs about 0.1 ms of Python per
+    member, which made it most of a loader core's time (18 members per sample). Reads ustar, pax ('x', 'g') and GNU
+    long-name ('L') headers; a bad header checksum or a cut-off member is a `MediaError` naming `shard`."""
+    pending_name = pending_size = None
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK or header == bytes(BLOCK):                   # end of archive (two zero blocks), or EOF
+            if header and header != bytes(BLOCK): raise MediaError(shard, f'truncated shard: a {len(header)}-byte tar header')
+            return
+        try: checksum = _octal(header[148:156])
+        except ValueError: checksum = -1                                    # not even a number: not a header
+        if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):   # the checksum field counts as 8 spaces
+            raise MediaError(shard, 'unreadable shard: a tar header with a bad checksum (not a tar file, or damaged)')
+        try: size = pending_size if pending_size is not None else _octal(header[124:136])
+        except ValueError: raise MediaError(shard, f'unreadable shard: a tar header with a bad size field {header[124:136]!r}') from None
+        name = header[0:100].split(b'\0', 1)[0].decode('utf-8', 'replace')
+        if header[257:262] == b'ustar' and header[345:500].strip(b'\0'):
+            name = header[345:500].split(b'\0', 1)[0].decode('utf-8', 'replace') + '/' + name   # ustar prefix
+        kind = header[156:157]
+        data = stream.read(size)
+        if len(data) < size: raise MediaError(shard, f'truncated shard: {name} holds {len(data)} of its {size} bytes')
+        stream.read(-size % BLOCK)                                          # padding to the next record
+        if kind == b'x':                                                    # pax header of the next member
+            for record in data.decode('utf-8', 'replace').splitlines():
+                _, _, pair = record.partition(' ')
+                key, _, value = pair.partition('=')
+                if key == 'path': pending_name = value
+                elif key == 'size': pending_size = int(value)
+            continue
+        if kind == b'L': pending_name = data.split(b'\0', 1)[0].decode('utf-8', 'replace'); continue   # GNU long name
+        if kind == b'g': continue                                           # pax global header
+        name, pending_name, pending_size = pending_name or name, None, None
+        if kind in (b'0', b'\0', b'7'): yield name, data                    # regular files; directories and links are skipped
+
 def read_samples(shard) -> Iterator[tuple[str, dict]]:
     "The samples of one tar shard in order: (key, {extension: bytes}); a malformed or truncated shard is a `MediaError` naming it."
     key, files = None, {}
     try:
-        with tarfile.open(shard, 'r|') as tar:                                 # streaming: one sequential read
-            for member in tar:
-                if not member.isfile(): continue
-                name_key, _, extension = member.name.partition('.')
+        with open(shard, 'rb', buffering=1 << 20) as stream:                # one sequential read, in 1 MB chunks
+            for name, data in tar_members(stream, shard):
+                folder, _, base = name.rpartition('/')
+                stem, _, extension = base.partition('.')                       # WebDataset: the key ends at the file name's first dot
+                name_key = f'{folder}/{stem}' if folder else stem
                 if name_key != key:
                     if key is not None: yield key, files
                     key, files = name_key, {}
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise MediaError(shard, f'truncated shard: {member.name} holds {len(data)} of its {member.size} bytes')
                 files[extension] = data
-    except (tarfile.TarError, OSError, EOFError) as e: raise MediaError(shard, f'unreadable or truncated shard ({e})') from e
+    except (OSError, ValueError) as e:
+        if isinstance(e, MediaError): raise
+        raise MediaError(shard, f'unreadable or truncated shard ({e})') from e
     if key is not None: yield key, files
 
 def is_shard_folder(path) -> bool:
@@ -181,16 +225,20 @@ class ShardDataset(IterableDataset):
                  classes: Sequence[str] | None = None,    # class names for multi-hot `labels` (None: no labels)
                  shuffle_buffer: int = 256,          # samples mixed within a consumer (train mode; 0: shard order)
                  seed: int = 0,
-                 augment: bool = False):             # train mode: random resized crop + flip (else resize + centre crop, as evaluation)
+                 augment: bool = False,              # train mode: random resized crop + flip (else resize + centre crop, as evaluation)
+                 raw: bool = False):                 # yield `RawSample`s (JPEG bytes + 16-bit PCM) for `batch_decode.BatchDecoder`: the worker only reads
         if mode not in ('train', 'eval'): raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.shards, self.mode, self.config, self.source = list_shards(source), mode, config or PreprocessConfig(), source
         if not self.shards: raise ValueError(f"{source}: no shards")
         self.sizes = None                                  # {shard: clips}, read when first needed
         self.classes, self.shuffle_buffer, self.seed, self.epoch = list(classes) if classes else None, shuffle_buffer, seed, 0
-        self.augment = augment and mode == 'train'
-        self.transform = train_transform(self.config.image_size) if self.augment else eval_transform(self.config.image_size)
+        self.augment, self.raw = augment and mode == 'train', raw
+        self.transform = eval_transform(self.config.image_size)    # resize + centre crop, normalization; crops: `batch_decode.apply_crop`
 
     def set_epoch(self, epoch: int): self.epoch = epoch
+
+    @property
+    def collate_fn(self): return collate_raw if self.raw else collate_clips   # the DataLoader's collate_fn for this data set's items
 
     def __len__(self) -> int: return sum(self.shard_clips().values())
 
@@ -218,8 +266,8 @@ class ShardDataset(IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards)) if train else np.arange(len(self.shards))
         return [self.shards[s] for s in order[consumer::consumers]]
 
-    def decode(self, key: str, files: dict, rng: np.random.Generator, shard=None) -> dict:
-        "An item from a sample's files, like `ClipDataset`'s; a sample with missing files is a `MediaError` naming the shard."
+    def sample(self, key: str, files: dict, rng: np.random.Generator, shard=None) -> RawSample:
+        "Check a sample's files and draw what its item uses (frame positions, training crop), decoding nothing: what a raw data set yields."
         if 'json' not in files: raise MediaError(shard or key, f'sample {key} has no metadata (KEY.json): not a cavmae_sync shard, or cut short')
         meta = json.loads(files['json'])
         T = meta['num_frames']
@@ -227,35 +275,49 @@ class ShardDataset(IterableDataset):
         if missing: raise MediaError(shard or key, f"sample {key} ({meta['video_id']}) lacks {missing}: the shard was cut short")
         if T != self.config.num_frames: raise ValueError(f"sample {key} ({meta['video_id']}) has {T} frames, the config {self.config.num_frames}")
         positions = [int(rng.integers(T))] if self.mode == 'train' else list(range(T))
-        images = [np.array(Image.open(io.BytesIO(files[f'f{t:02d}.jpg'])).convert('RGB')) for t in positions]
-        with torch.random.fork_rng(devices=[]):         # crops drawn from this reader's own stream: the same in any worker, after any restart
-            torch.manual_seed(int(rng.integers(2**63)))
-            frames = self.transform(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))        # (K, 3, S, S)
-        pcm, rate = soundfile.read(io.BytesIO(files['wav']), dtype='int16')
+        seed = int(rng.integers(2**63))                 # drawn for every sample: the crops come from this reader's own stream
+        jpegs = [files[f'f{t:02d}.jpg'] for t in positions]
+        crop = None
+        if self.augment:
+            with Image.open(io.BytesIO(jpegs[0])) as image: width, height = image.size    # the JPEG header only
+            crop = draw_crop(seed, height, width)
+        pcm, rate = soundfile.read(io.BytesIO(files['wav']), dtype='int16')             # (N,) int16
         if rate != self.config.sample_rate: raise MediaError(shard or key, f"sample {key}: a {rate} Hz wav, the config reads {self.config.sample_rate} Hz")
-        waveform = torch.from_numpy(pcm.astype(np.float32) / 32768)                               # (N,)
-        audio, _ = audio_windows(waveform, f'{shard}:{key}', self.config, positions)               # (K, L, mel), as `load_clip` cuts them
-        item = ({'frames': frames[0], 'audio': audio[0], 'frame_index': positions[0]} if self.mode == 'train'
-                else {'frames': frames, 'audio': audio})
-        item['video_id'] = meta['video_id']
+        labels = None
         if self.classes is not None:
             unknown = [l for l in meta['labels'] if l not in self.classes]
             if unknown or not meta['labels']:
                 raise ValueError(f"sample {key} ({meta['video_id']}): labels {meta['labels']} are {'unknown: ' + str(unknown) if unknown else 'missing'}")
-            item['labels'] = torch.tensor([float(name in meta['labels']) for name in self.classes])
+            labels = torch.tensor([float(name in meta['labels']) for name in self.classes])
+        return RawSample(f'{shard}:{key}', meta['video_id'], jpegs, positions, pcm, rate, self.mode == 'train', crop, labels)
+
+    def decode(self, key: str, files: dict, rng: np.random.Generator, shard=None) -> dict:
+        "An item from a sample's files, like `ClipDataset`'s, decoded here one sample at a time (PIL, soundfile, `data.audio_windows`)."
+        sample = self.sample(key, files, rng, shard)
+        images = [np.array(Image.open(io.BytesIO(data)).convert('RGB')) for data in sample.jpegs]
+        frames = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)                         # (K, 3, H, W) uint8
+        if sample.crop is not None: frames = normalize_frames(apply_crop(frames, sample.crop, self.config.image_size), self.transform)
+        else: frames = self.transform(frames)                                                   # (K, 3, S, S)
+        waveform = torch.from_numpy(sample.pcm.astype(np.float32) / 32768)                      # (N,)
+        audio, _ = audio_windows(waveform, sample.name, self.config, sample.positions)          # (K, L, mel), as `load_clip` cuts them
+        item = ({'frames': frames[0], 'audio': audio[0], 'frame_index': sample.positions[0]} if self.mode == 'train'
+                else {'frames': frames, 'audio': audio})
+        item['video_id'] = sample.video_id
+        if sample.labels is not None: item['labels'] = sample.labels
         return item
 
     def __iter__(self):
         consumer, consumers = _consumer()
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
+        item = self.sample if self.raw else self.decode
         buffer = []
         for shard in self.consumer_shards(consumer, consumers):
             for key, files in read_samples(shard):
-                if self.mode != 'train' or self.shuffle_buffer <= 1: yield self.decode(key, files, rng, shard); continue
+                if self.mode != 'train' or self.shuffle_buffer <= 1: yield item(key, files, rng, shard); continue
                 buffer.append((key, files, shard))
                 if len(buffer) >= self.shuffle_buffer:
                     key, files, source = buffer.pop(int(rng.integers(len(buffer))))
-                    yield self.decode(key, files, rng, source)
+                    yield item(key, files, rng, source)
         while buffer:
             key, files, source = buffer.pop(int(rng.integers(len(buffer))))
-            yield self.decode(key, files, rng, source)
+            yield item(key, files, rng, source)

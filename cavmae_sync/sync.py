@@ -21,57 +21,104 @@ from .config import MediaError, PreprocessConfig, data_dir
 from .audio import clip_spectrogram, load_audio
 from .data import FBANK_SHIFT_SECONDS, read_clip_frames, read_clip_audio
 from .video import check_media_file, eval_transform, write_video
-from .retrieval import model_preprocess_config, evaluation_autocast
+from .embeddings import model_preprocess_config, evaluation_autocast
 from .checkpoint import load_model_file
 
 # %% auto #0
-__all__ = ['SILENCE_RMS', 'offset_grid', 'WindowPlan', 'window_plan', 'OffsetInputs', 'num_fbank_frames', 'decode_for_offset',
-           'OffsetResult', 'score_offsets', 'encode_windows', 'av_offset', 'shift_waveform', 'read_all_frames',
-           'write_shifted_clip', 'time_coded_clip', 'TimeCodedModel', 'offset_accuracy', 'offset_summary',
-           'cached_tiny_model', 'resolve_checkpoint', 'offset_cli']
+__all__ = ['SILENCE_RMS', 'ZERO_REFERENCES', 'fbank_frames', 'offset_grid', 'zero_centres', 'WindowBank', 'window_bank',
+           'OffsetInputs', 'num_fbank_frames', 'decode_for_offset', 'OffsetResult', 'score_offsets', 'encode_windows',
+           'bank_spacing', 'av_offset', 'shift_waveform', 'read_all_frames', 'write_shifted_clip', 'time_coded_clip',
+           'TimeCodedModel', 'offset_accuracy', 'offset_summary', 'cached_tiny_model', 'resolve_checkpoint',
+           'offset_cli']
 
 # %% ../nbs/13_sync.ipynb #27f37741
 SILENCE_RMS = 1e-3          # -60 dBFS: a clip whose audio RMS is below this is treated as silent (no estimate)
+
+def fbank_frames(seconds: float,   # a duration that must be whole fbank frames (10 ms)
+                 name: str,        # the argument's name, for the error
+                ) -> int:          # the duration in fbank frames (>= 1)
+    "`seconds` as a whole, positive number of fbank frames; an error naming `name` otherwise."
+    if not (isinstance(seconds, (int, float)) and seconds > 0): raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+    frames = seconds / FBANK_SHIFT_SECONDS
+    if round(frames) < 1 or abs(frames - round(frames)) > 1e-6:
+        nearest = max(1, round(frames)) * FBANK_SHIFT_SECONDS
+        raise ValueError(f"{name}={seconds} s is not a multiple of the fbank hop ({FBANK_SHIFT_SECONDS * 1000:.0f} ms): the audio windows "
+                         f"move by whole spectrogram frames; use e.g. {name}={nearest:.2f}")
+    return round(frames)
 
 def offset_grid(max_offset: float = 2.0,   # seconds: offsets from -max_offset to +max_offset
                 step: float = 0.04,        # seconds between offsets; a multiple of the 10 ms fbank hop
                ) -> torch.Tensor:          # (K,) int64 offsets in fbank frames, ascending, 0 included
     "The offsets `av_offset` tries, in fbank frames (x 10 ms = seconds)."
-    if not (isinstance(step, (int, float)) and step > 0): raise ValueError(f"step must be a positive number of seconds, got {step!r}")
+    frames = fbank_frames(step, 'step')
     if not (isinstance(max_offset, (int, float)) and max_offset >= 0): raise ValueError(f"max_offset must be >= 0 seconds, got {max_offset!r}")
-    frames = step / FBANK_SHIFT_SECONDS
-    if round(frames) < 1 or abs(frames - round(frames)) > 1e-6:
-        nearest = max(1, round(frames)) * FBANK_SHIFT_SECONDS
-        raise ValueError(f"step={step} s is not a multiple of the fbank hop ({FBANK_SHIFT_SECONDS * 1000:.0f} ms): the audio windows "
-                         f"move by whole spectrogram frames; use e.g. step={nearest:.2f}")
     n = int(math.floor(max_offset / step + 1e-9))
-    return torch.arange(-n, n + 1) * round(frames)                       # (K,)
+    return torch.arange(-n, n + 1) * frames                              # (K,)
+
+ZERO_REFERENCES = ('model', 'frames')
+
+def zero_centres(frame_times,                # (T,) seconds of each frame from the clip's first frame
+                 config: PreprocessConfig,   # the model's preprocessing (target length, T)
+                 zero: str = 'model',        # 'model': the window `load_clip` pairs with each frame; 'frames': the frame's own time
+                ) -> torch.Tensor:           # (T,) int64 fbank frame each frame's zero-offset window is centred on
+    "Where offset 0 puts each frame's window: as the model was trained and `embed_video` pairs them, or on the frame's presentation time."
+    times = torch.as_tensor(frame_times, dtype=torch.float64)
+    if zero == 'frames': return torch.round(times / FBANK_SHIFT_SECONDS).long()       # (T,)
+    if zero != 'model': raise ValueError(f"zero must be one of {ZERO_REFERENCES}, got {zero!r}")
+    T = len(times)
+    if T != config.num_frames: raise ValueError(f"zero='model' needs the model's {config.num_frames} frames, got {T}")
+    return torch.tensor([round(t * config.target_length / T) for t in range(T)], dtype=torch.long)   # (T,) window_bounds' centres, unclamped
 
 @dataclass
-class WindowPlan:
-    "Which audio window each (frame, offset) pair uses: every distinct window once."
-    starts: torch.Tensor      # (J,) int64 first spectrogram frame of each distinct window
-    index: torch.Tensor       # (T, K) int64 row of `starts` for frame t at offset k; -1: the window would leave the audio
-    centres: torch.Tensor     # (T,) int64 spectrogram frame each video frame is centred on (rounded to the step)
+class WindowBank:
+    "The audio windows `av_offset` encodes, and how each (frame, offset) pair reads its score off them."
+    starts: torch.Tensor       # (J,) int64 first spectrogram frame of each encoded window, ascending
+    lower: torch.Tensor        # (T, K) int64 row of `starts` at or before the pair's own window start (0 where not `valid`)
+    upper: torch.Tensor        # (T, K) int64 row of `starts` at or after it; == lower where the pair's own window is encoded
+    weight: torch.Tensor       # (T, K) float64 share of `upper` in the linear interpolation; 0 where exact
+    valid: torch.Tensor        # (T, K) bool: the pair's own window lies inside the audio
+    pair_starts: torch.Tensor  # (T, K) int64 first spectrogram frame of the pair's own window (centre + offset - L // 2)
 
-def window_plan(frame_times,               # (T,) seconds of each frame from the clip's first frame
-                offsets: torch.Tensor,     # (K,) int64 offsets in fbank frames (`offset_grid`)
+    @property
+    def exact(self) -> bool:
+        "Every pair that counts reads its own window (no interpolation)."
+        return bool((self.weight[self.valid] == 0).all())
+
+    def read(self, cosines: torch.Tensor,    # (T, J) cos(frame t, encoded window j)
+            ) -> torch.Tensor:               # (T, K) float64 each pair's score; 0 where not `valid`
+        "Each pair's cosine, linearly interpolated between the two encoded windows around its own start."
+        cosines = cosines.double()
+        low, high = cosines.gather(1, self.lower), cosines.gather(1, self.upper)     # (T, K) each
+        return torch.where(self.valid, (1 - self.weight) * low + self.weight * high, 0.0)   # (T, K)
+
+def window_bank(centres,                      # (T,) int64 fbank frame each video frame's zero-offset window is centred on
+                offsets: torch.Tensor,        # (K,) int64 offsets in fbank frames (`offset_grid`)
                 num_spectrogram_frames: int,  # S: frames of real audio (no padding)
-                window: int,               # L: fbank frames per window
-               ) -> WindowPlan:
-    "Windows centred on each frame's time plus each offset, kept only where they lie inside [0, S)."
-    offsets = torch.as_tensor(offsets, dtype=torch.long)
-    step = int(offsets.diff().min()) if len(offsets) > 1 else 1
-    if len(offsets) > 1 and not (offsets.diff() == step).all(): raise ValueError("offsets must be evenly spaced")
-    times = torch.as_tensor(frame_times, dtype=torch.float64)
-    centres = (torch.round(times / FBANK_SHIFT_SECONDS / step) * step).long()          # (T,) on the step grid
-    starts = centres[:, None] + offsets[None, :] - window // 2                         # (T, K) window start per pair
-    inside = (starts >= 0) & (starts + window <= num_spectrogram_frames)               # (T, K)
-    if not inside.any(): return WindowPlan(torch.zeros(0, dtype=torch.long), torch.full(starts.shape, -1), centres)
-    distinct, inverse = torch.unique(starts[inside], return_inverse=True)             # (J,), one row per distinct start
-    index = torch.full(starts.shape, -1, dtype=torch.long)
-    index[inside] = inverse
-    return WindowPlan(distinct, index, centres)
+                window: int,                  # L: fbank frames per window
+                spacing: int = 1,             # fbank frames between encoded windows; 1: every pair's own window (exact)
+               ) -> WindowBank:
+    "Windows to encode for every (frame, offset) pair inside [0, S): the pairs' own windows, or a grid every `spacing` frames read by interpolation."
+    centres, offsets = torch.as_tensor(centres, dtype=torch.long), torch.as_tensor(offsets, dtype=torch.long)
+    S, L = num_spectrogram_frames, window
+    if spacing < 1: raise ValueError(f"spacing must be at least 1 fbank frame, got {spacing}")
+    pair = centres[:, None] + offsets[None, :] - L // 2                                  # (T, K) own window start per pair
+    valid = (pair >= 0) & (pair + L <= S)                                                # (T, K)
+    zero = torch.zeros(pair.shape, dtype=torch.long)
+    if not valid.any(): return WindowBank(torch.zeros(0, dtype=torch.long), zero, zero, zero.double(), valid, pair)
+    own = torch.unique(pair[valid])                                                      # (J0,) every distinct own window
+    last = S - L                                                                         # the last start inside the audio
+    low = torch.div(pair, spacing, rounding_mode='floor') * spacing                      # (T, K) grid start at or before
+    low = torch.where(pair == last, pair, low)                                           # the last window is on the grid too
+    high = torch.where(low == pair, low, (low + spacing).clamp(max=last))                # (T, K) grid start at or after
+    grid = torch.unique(torch.cat([low[valid], high[valid]]))                            # (J1,) the grid windows any pair reads
+    if len(own) <= len(grid):                                                            # exact is no dearer: encode the own windows
+        index = torch.searchsorted(own, pair.clamp(0, last))                             # (T, K)
+        index = torch.where(valid, index.clamp(max=len(own) - 1), 0)
+        return WindowBank(own, index, index, zero.double(), valid, pair)
+    lower = torch.where(valid, torch.searchsorted(grid, low.clamp(0, last)).clamp(max=len(grid) - 1), 0)    # (T, K)
+    upper = torch.where(valid, torch.searchsorted(grid, high.clamp(0, last)).clamp(max=len(grid) - 1), 0)   # (T, K)
+    weight = torch.where(valid & (high > low), (pair - low).double() / (high - low).clamp_min(1), 0.0)      # (T, K) in [0, 1)
+    return WindowBank(grid, lower, upper, weight, valid, pair)
 
 # %% ../nbs/13_sync.ipynb #a4087e44
 @dataclass
@@ -179,6 +226,11 @@ def encode_windows(model, spectrogram: torch.Tensor, starts: torch.Tensor, windo
             out.append(model.encode_audio(spectrogram[index].to(device)).embedding.float().cpu())   # (b, D)
     return F.normalize(torch.cat(out), dim=-1)                                              # (J, D)
 
+def bank_spacing(model, bank_step: float | None = None) -> int:
+    "Fbank frames between the windows `av_offset` encodes: `bank_step` seconds, or by default one audio patch of the model (16 frames, 0.16 s)."
+    if bank_step is None: return int(getattr(getattr(model, 'config', None), 'patch_size', 16))
+    return fbank_frames(bank_step, 'bank_step')
+
 def av_offset(video,                        # a video file with an audio stream, or `OffsetInputs` already decoded
               model,                        # a CAV-MAE Sync model (frame-aligned audio windows)
               max_offset: float = 2.0,      # seconds: offsets from -max_offset to +max_offset are tried
@@ -187,6 +239,8 @@ def av_offset(video,                        # a video file with an audio stream,
               device=None,                  # default: the model's device
               batch_size: int = 64,         # audio windows per encoder call
               precision: str = 'fp16',      # CUDA autocast as in evaluation; fp32 on a CPU
+              bank_step: float | None = None,  # seconds between encoded windows (default: one audio patch, 0.16 s); 0.01: exact
+              zero: str = 'model',          # offset 0: 'model' (the pairing the model was trained with) or 'frames' (presentation times)
              ) -> OffsetResult:
     "How far the audio of `video` is shifted against its picture (positive: the audio comes late), with the whole curve."
     config = model_preprocess_config(model)
@@ -194,6 +248,8 @@ def av_offset(video,                        # a video file with an audio stream,
         raise ValueError(f"this model hears the whole clip at once (window {config.window} fbank frames, {config.num_frames} frame(s) "
                          "per clip, as the CAV-MAE baseline): it has no frame-aligned audio windows to slide, so it cannot measure an offset")
     offsets = offset_grid(max_offset, step)                                                # (K,) fbank frames
+    spacing = bank_spacing(model, bank_step)
+    if zero not in ZERO_REFERENCES: raise ValueError(f"zero must be one of {ZERO_REFERENCES}, got {zero!r}")
     inputs = video if isinstance(video, OffsetInputs) else decode_for_offset(video, config, int(offsets.abs().max()))
     path = str(getattr(video, 'path', video)) if not isinstance(video, OffsetInputs) else ''
     T, K, L = inputs.frames.shape[0], len(offsets), config.window
@@ -206,9 +262,9 @@ def av_offset(video,                        # a video file with an audio stream,
         return empty(f'the audio lasts {inputs.audio_seconds:.2f} s, shorter than the model\'s window of {L * FBANK_SHIFT_SECONDS:.2f} s')
     if inputs.rms < SILENCE_RMS:
         return empty(f'the audio is silent (RMS {inputs.rms:.1e}, below {SILENCE_RMS:.0e} = -60 dBFS)')
-    plan = window_plan(inputs.frame_times, offsets, inputs.spectrogram.shape[0], L)
-    valid = plan.index >= 0                                                                # (T, K)
-    if len(plan.starts) == 0:
+    centres = zero_centres(inputs.frame_times, config, zero)                               # (T,) fbank frames
+    bank = window_bank(centres, offsets, inputs.spectrogram.shape[0], L, spacing)
+    if len(bank.starts) == 0:
         return empty(f'no frame\'s window fits inside the {inputs.audio_seconds:.2f} s of audio at any offset')
     device = _device_of(model, device)
     was_training = model.training
@@ -217,10 +273,10 @@ def av_offset(video,                        # a video file with an audio stream,
         with torch.inference_mode(), evaluation_autocast(device, precision):
             frames = model.encode_video(inputs.frames.to(device)).embedding.float().cpu()      # (T, D), encoded once
         frames = F.normalize(frames, dim=-1)
-        windows = encode_windows(model, inputs.spectrogram, plan.starts, L, device, batch_size, precision)   # (J, D)
+        windows = encode_windows(model, inputs.spectrogram, bank.starts, L, device, batch_size, precision)   # (J, D)
     finally: model.train(was_training)
-    cosines = (frames @ windows.T).gather(1, plan.index.clamp_min(0))                      # (T, J) -> (T, K)
-    return score_offsets(cosines, valid, offsets_s, min_frames, path, inputs.frame_times)
+    cosines = bank.read(frames @ windows.T)                                                # (T, J) -> (T, K)
+    return score_offsets(cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times)
 
 # %% ../nbs/13_sync.ipynb #8b796190
 def shift_waveform(waveform: torch.Tensor,   # (N,) samples
@@ -340,7 +396,7 @@ def offset_summary(table: pd.DataFrame) -> dict:
             'within_0.2s': float((errors <= 0.2 + 1e-9).mean()) if len(errors) else None}
 
 def cached_tiny_model(kind: str = 'sync') -> Path | None:
-    "The most-trained tiny model `train.pretrained_tiny` cached under `data_dir()/models/`, or None (nothing is trained here)."
+    "The most-trained tiny model `testbed.pretrained_tiny` cached under `data_dir()/models/`, or None (nothing is trained here)."
     found = []
     for path in (data_dir() / 'models').glob(f'tiny_{kind}_*/model.pt'):
         try: steps = json.loads((path.parent / 'config.json').read_text())['config'].get('max_steps') or 0
@@ -359,7 +415,7 @@ def resolve_checkpoint(checkpoint=None) -> Path:
     if cached is None:
         raise FileNotFoundError(f"no --checkpoint given and no tiny model is cached under {data_dir() / 'models'}: pass --checkpoint FILE "
                                 "(a cavmae_sync checkpoint or the released weights), or train the tiny testbed model once with "
-                                "python -c \"from cavmae_sync.train import pretrained_tiny; print(pretrained_tiny())\" (about 10 minutes on 2 CPU cores)")
+                                "python -c \"from cavmae_sync.testbed import pretrained_tiny; print(pretrained_tiny())\" (about 10 minutes on 2 CPU cores)")
     print(f'using the cached tiny testbed model {cached} (trained on synthetic clips: only meaningful on them)', file=sys.stderr)
     return cached
 
@@ -372,6 +428,8 @@ def offset_cli(argv: list[str] | None = None):
     parser.add_argument('--json', action='store_true', help='one JSON object per line, with the whole curve')
     parser.add_argument('--max-offset', type=float, default=2.0, help='seconds tried either way (default 2.0)')
     parser.add_argument('--step', type=float, default=0.04, help='seconds between offsets, a multiple of 0.01 (default 0.04)')
+    parser.add_argument('--zero', choices=ZERO_REFERENCES, default='model', help="offset 0: 'model', the frame-window pairing the model was "
+                        "trained with (default), or 'frames', the frames' presentation times")
     parser.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda if available)')
     args = parser.parse_args(argv)
     try:
@@ -383,7 +441,7 @@ def offset_cli(argv: list[str] | None = None):
     failed = 0
     for video in tqdm(args.videos, desc='offsets', unit='file', disable=len(args.videos) < 2, file=sys.stderr):
         try:
-            result = av_offset(video, model, args.max_offset, args.step)
+            result = av_offset(video, model, args.max_offset, args.step, zero=args.zero)
             line = json.dumps(result.to_dict()) if args.json else f'{video}\t{result.summary()}'
         except (MediaError, ValueError) as e:
             failed += 1

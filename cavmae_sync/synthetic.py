@@ -11,70 +11,119 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SYNTHETIC_VERSION', 'CLASS_LOOKS', 'SOUND_KINDS', 'MAX_CLASSES', 'BAND_LOW_HZ', 'BAND_HIGH_HZ', 'BAND_HALF_WIDTH',
-           'SPLITS', 'PULSE_SCALE', 'PULSE_DEPTH', 'PULSE_HZ', 'IDLE_BRIGHTNESS', 'SHADE', 'FADE_SECONDS',
-           'PARAMS_FILE', 'COMPLETE_FILE', 'MANIFEST_FILE', 'TOP_FILES', 'DEFAULT_NUM_TRAIN', 'DEFAULT_NUM_TEST',
-           'hz_to_mel', 'mel_to_hz', 'SourceClass', 'source_classes', 'SyntheticConfig', 'sampled_frame_indices',
-           'clip_rng', 'class_set_pool', 'Scene', 'sample_scene', 'shape_mask', 'texture_lit', 'sounding_at',
-           'RenderedVideo', 'render_video', 'synth_sound', 'render_audio', 'x264_options', 'write_mp4',
-           'ClipGroundTruth', 'load_ground_truth', 'video_id', 'generate_clip', 'own_files', 'SyntheticDataset',
-           'make_synthetic', 'default_synthetic', 'synthetic_cli']
+           'LIT_MEAN', 'LIT_CHROMA', 'SPLITS', 'PULSE_SCALE', 'PULSE_DEPTH', 'PULSE_HZ', 'IDLE_CHROMA', 'SHADE',
+           'BACKGROUND_BRIGHTNESS', 'INGREDIENT_RMS', 'FADE_SECONDS', 'PARAMS_FILE', 'COMPLETE_FILE', 'MANIFEST_FILE',
+           'TOP_FILES', 'DEFAULT_NUM_TRAIN', 'DEFAULT_NUM_TEST', 'hz_to_mel', 'mel_to_hz', 'hue_colour',
+           'num_ingredients', 'ingredient_pairs', 'Ingredient', 'sound_ingredients', 'SourceClass', 'source_classes',
+           'SyntheticConfig', 'sampled_frame_indices', 'clip_rng', 'source_sets', 'class_set_pool', 'Scene',
+           'choose_decoys', 'sample_scene', 'shape_mask', 'texture_lit', 'object_colours', 'sounding_at',
+           'RenderedVideo', 'render_video', 'synth_sound', 'class_sound', 'render_audio', 'class_waveform',
+           'class_window', 'x264_options', 'write_mp4', 'ClipGroundTruth', 'load_ground_truth', 'video_id',
+           'generate_clip', 'own_files', 'SyntheticDataset', 'make_synthetic', 'cache_folder', 'default_synthetic',
+           'synthetic_cli']
 
 # %% ../nbs/07_synthetic.ipynb #fd5b8a92
-SYNTHETIC_VERSION = 1   # bump when the content changes, so cached sets are regenerated
+SYNTHETIC_VERSION = 2   # bump when the content changes, so cached sets are regenerated (2: decoys, equal-luminance looks, two-ingredient sounds)
 
 def hz_to_mel(hz): return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
 def mel_to_hz(mel): return 700.0 * np.expm1(np.asarray(mel, dtype=np.float64) / 1127.0)
 
-CLASS_LOOKS = [  # colour name, lit RGB, shape, texture
-    ('red',     (230,  40,  40), 'circle',   'solid'),
-    ('blue',    ( 40,  90, 245), 'square',   'hstripes'),
-    ('yellow',  (240, 215,  30), 'triangle', 'checker'),
-    ('green',   ( 30, 175,  70), 'diamond',  'dots'),
-    ('magenta', (230,  50, 205), 'star',     'solid'),
-    ('cyan',    ( 40, 215, 225), 'ring',     'vstripes'),
-    ('orange',  (250, 140,  20), 'cross',    'diagonal'),
-    ('white',   (240, 240, 240), 'hexagon',  'checker'),
-    ('purple',  (140,  60, 225), 'circle',   'rings'),
-    ('lime',    (150, 235,  40), 'square',   'dots'),
-    ('brown',   (165, 100,  45), 'triangle', 'hstripes'),
-    ('pink',    (250, 160, 190), 'diamond',  'grid'),
+CLASS_LOOKS = [  # colour name, hue (degrees), shape, texture: neighbours in the list are far apart in hue
+    ('red',       0, 'circle',   'solid'),
+    ('cyan',    180, 'square',   'hstripes'),
+    ('yellow',   60, 'triangle', 'checker'),
+    ('blue',    240, 'diamond',  'dots'),
+    ('green',   120, 'star',     'solid'),
+    ('magenta', 300, 'ring',     'vstripes'),
+    ('orange',   30, 'cross',    'diagonal'),
+    ('azure',   210, 'hexagon',  'checker'),
+    ('lime',     90, 'circle',   'rings'),
+    ('violet',  270, 'square',   'dots'),
+    ('spring',  150, 'triangle', 'hstripes'),
+    ('rose',    330, 'diamond',  'grid'),
 ]
 SOUND_KINDS = ('hum', 'beeps', 'trill', 'sweep', 'hiss', 'knock', 'buzz', 'tremolo')
 MAX_CLASSES = len(CLASS_LOOKS)
-BAND_LOW_HZ, BAND_HIGH_HZ = 200.0, 5000.0   # centres of the lowest and the highest pitch band
+BAND_LOW_HZ, BAND_HIGH_HZ = 200.0, 5000.0   # centres of the lowest and the highest ingredient band
 BAND_HALF_WIDTH = 0.35                       # half-width of a band as a fraction of the spacing between bands (mel)
+LIT_MEAN, LIT_CHROMA = 0.55, 0.4             # every class colour: mean of R, G, B = 0.55 (equal brightness), chroma 0.4
+
+def hue_colour(hue: float,                  # degrees
+               mean: float = LIT_MEAN,      # mean of R, G, B (0..1)
+               chroma: float = LIT_CHROMA,  # amplitude of the colour around the grey of the same mean
+              ) -> np.ndarray:              # (3,) RGB in 0..1
+    "An RGB colour of the given hue whose mean over R, G, B is exactly `mean`, whatever the hue."
+    return mean + chroma * np.cos(np.deg2rad(hue) - 2 * np.pi * np.arange(3) / 3)
+
+def num_ingredients(num_classes: int) -> int:
+    "Ingredients (bands) needed so that each of `num_classes` classes gets its own pair: the smallest b >= 3 with b(b-1)/2 >= num_classes."
+    b = 3
+    while b * (b - 1) // 2 < num_classes: b += 1
+    return b
+
+def ingredient_pairs(num_ingredients: int) -> list[tuple]:
+    "All pairs of ingredients, cyclic neighbours first ((0,1), (1,2), ... then (0,2), ...), so that any prefix uses the ingredients evenly."
+    b, pairs = num_ingredients, []
+    for distance in range(1, b // 2 + 1):
+        for i in range(b if 2 * distance < b else b // 2):
+            pairs.append(tuple(sorted((i, (i + distance) % b))))
+    return pairs
+
+@dataclass(frozen=True)
+class Ingredient:
+    "One sound ingredient: a rhythm / timbre in its own pitch band. Every class sounds as two ingredients at once."
+    index: int            # ingredient number
+    sound: str            # one of SOUND_KINDS: its rhythm and timbre
+    centre_hz: float      # centre of its band
+    band_hz: tuple        # (low, high) Hz: all of its energy lies in this band
+
+def sound_ingredients(num_classes: int = 10) -> list[Ingredient]:
+    "The ingredients the first `num_classes` classes are made of, their bands spread evenly in mel over 200 Hz - 5 kHz."
+    b = num_ingredients(num_classes)
+    centres_mel = np.linspace(hz_to_mel(BAND_LOW_HZ), hz_to_mel(BAND_HIGH_HZ), b)
+    half_mel = BAND_HALF_WIDTH * (centres_mel[1] - centres_mel[0])
+    return [Ingredient(i, SOUND_KINDS[i % len(SOUND_KINDS)], round(float(mel_to_hz(centres_mel[i])), 2),
+                       tuple(round(float(mel_to_hz(centres_mel[i] + side * half_mel)), 2) for side in (-1, 1))) for i in range(b)]
 
 @dataclass(frozen=True)
 class SourceClass:
-    "One sound-source class: how it looks and how it sounds."
+    "One sound-source class: how it looks and how it sounds (two ingredients at once, each shared with other classes)."
     index: int            # row in labels.csv
     mid: str              # label id used in the datafile, e.g. '/syn/c03'
-    display_name: str     # e.g. 'green diamond sweep 965 Hz'
-    colour: tuple         # (R, G, B) 0..255 of the lit part of its texture
+    display_name: str     # e.g. 'blue diamond beeps+hiss'
+    colour: tuple         # (R, G, B) 0..255 of the lit part of its texture while active (mean of R, G, B the same for all classes)
+    hue: float            # degrees
     shape: str            # one of the shapes `shape_mask` draws
     texture: str          # one of the textures `texture_lit` draws
-    sound: str            # one of SOUND_KINDS: its rhythm and timbre
-    centre_hz: float      # its pitch: the centre of its band
-    band_hz: tuple        # (low, high) Hz: all of its sound's energy lies in this band
+    ingredients: tuple    # (i, j): the two `Ingredient`s it sounds as
+    sounds: tuple         # (kind_i, kind_j): their SOUND_KINDS
+    bands_hz: tuple       # ((low, high), (low, high)) Hz: all of its sound's energy lies in these two bands
 
 def source_classes(num_classes: int = 10,   # how many classes, 2 .. MAX_CLASSES
                   ) -> list[SourceClass]:
-    "The first `num_classes` classes, their pitch bands spread evenly in mel over 200 Hz - 5 kHz."
+    "The first `num_classes` classes: a look each, and a sound that is a pair of shared ingredients (a different pair per class)."
     if not isinstance(num_classes, (int, np.integer)) or not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be an integer between 2 and {MAX_CLASSES}, got {num_classes!r}")
-    centres_mel = np.linspace(hz_to_mel(BAND_LOW_HZ), hz_to_mel(BAND_HIGH_HZ), num_classes)
-    half_mel = BAND_HALF_WIDTH * (centres_mel[1] - centres_mel[0])
+    parts = sound_ingredients(num_classes)
     classes = []
-    for k in range(num_classes):
-        colour_name, rgb, shape, texture = CLASS_LOOKS[k]
-        sound = SOUND_KINDS[k % len(SOUND_KINDS)]
-        centre = round(float(mel_to_hz(centres_mel[k])), 2)
-        band = tuple(round(float(mel_to_hz(centres_mel[k] + side * half_mel)), 2) for side in (-1, 1))
-        classes.append(SourceClass(k, f'/syn/c{k:02d}', f'{colour_name} {shape} {sound} {centre:.0f} Hz', rgb, shape,
-                                   texture, sound, centre, band))
+    for k, pair in enumerate(ingredient_pairs(len(parts))[:num_classes]):
+        colour_name, hue, shape, texture = CLASS_LOOKS[k]
+        rgb = tuple(int(round(v * 255)) for v in hue_colour(hue))
+        sounds = tuple(parts[i].sound for i in pair)
+        classes.append(SourceClass(k, f'/syn/c{k:02d}', f'{colour_name} {shape} {sounds[0]}+{sounds[1]}', rgb, float(hue), shape,
+                                   texture, pair, sounds, tuple(parts[i].band_hz for i in pair)))
     return classes
 
+
 # %% ../nbs/07_synthetic.ipynb #6529b1f0
+@functools.lru_cache(maxsize=8)
+def _source_sets(num_classes, min_sources, max_sources):
+    "Sets of min..max_sources classes whose ingredient pairs are disjoint (see `source_sets`)."
+    import itertools
+    pairs = [c.ingredients for c in source_classes(num_classes)]
+    return tuple(combo for k in range(min_sources, max_sources + 1) for combo in itertools.combinations(range(num_classes), k)
+                 if len({i for c in combo for i in pairs[c]}) == 2 * k)
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     "Parameters of a synthetic data set; a set on disk is regenerated only when these change."
@@ -85,7 +134,8 @@ class SyntheticConfig:
     sample_rate: int = 16_000                # Hz of the written audio
     num_frames: int = 16                     # T: sampled frames the ground truth describes
     min_sources: int = 2                     # sources per clip, at least ...
-    max_sources: int = 3                     # ... and at most (<= 3)
+    max_sources: int = 2                     # ... and at most (<= 3; their sounds share no ingredient: 3 need 11 or more classes)
+    decoys_per_source: int = 1               # silent look-alikes per source: active exactly when their source sounds (0: none)
     num_test_class_sets: int = 10            # size of the pool of class sets the test clips share
     segment_seconds: tuple = (1.0, 3.0)      # length range of one sounding segment
     gap_seconds: tuple = (0.2, 1.0)          # length range of the silences between segments
@@ -102,11 +152,19 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"SyntheticConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.decoys_per_source, (int, np.integer)) or not 0 <= self.decoys_per_source <= 2:
+            raise ValueError(f"SyntheticConfig.decoys_per_source must be 0, 1 or 2, got {self.decoys_per_source!r}")
         if not 2 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f"SyntheticConfig.num_classes must be between 2 and {MAX_CLASSES}, got {self.num_classes}")
         if not 1 <= self.min_sources <= self.max_sources <= min(3, self.num_classes):
             raise ValueError(f"SyntheticConfig needs 1 <= min_sources <= max_sources <= min(3, num_classes), "
                              f"got min_sources={self.min_sources}, max_sources={self.max_sources}")
+        if self.max_sources * (1 + self.decoys_per_source) > self.num_classes:
+            raise ValueError(f"SyntheticConfig: {self.max_sources} sources with {self.decoys_per_source} decoy(s) each need at least "
+                             f"{self.max_sources * (1 + self.decoys_per_source)} classes, got num_classes={self.num_classes}")
+        if not any(len(combo) == self.max_sources for combo in _source_sets(self.num_classes, self.min_sources, self.max_sources)):
+            raise ValueError(f"SyntheticConfig: no {self.max_sources} of {self.num_classes} classes have sounds without a shared ingredient "
+                             f"({num_ingredients(self.num_classes)} ingredients); lower max_sources or raise num_classes")
         if self.image_size < 48 or self.image_size % 2:
             raise ValueError(f"SyntheticConfig.image_size must be even and at least 48, got {self.image_size}")
         if self.sample_rate < 2.5 * BAND_HIGH_HZ:
@@ -141,44 +199,52 @@ def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
     if split not in SPLITS: raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     return np.random.default_rng([int(seed), SPLITS[split], int(index)])
 
+def source_sets(config: SyntheticConfig) -> list[tuple]:
+    """Every set of `min_sources`..`max_sources` classes whose sounds share no ingredient (sorted tuples): the clips' possible sources.
+    With disjoint pairs, another pairing of the same ingredients (the decoys) would sound the same over a whole clip."""
+    return list(_source_sets(config.num_classes, config.min_sources, config.max_sources))
+
+
 def class_set_pool(config: SyntheticConfig, seed: int = 0) -> list[tuple]:
-    "The pool of class sets the test clips share (sorted tuples); it covers every class when it is big enough to."
+    "The pool of source sets the test clips share (sorted tuples, from `source_sets`); it covers every class when it is big enough to."
     return list(_class_set_pool(config, int(seed)))
 
 @functools.lru_cache(maxsize=8)
 def _class_set_pool(config, seed):
     rng = np.random.default_rng([seed, len(SPLITS)])
-    max_sets = sum(math.comb(config.num_classes, k) for k in range(config.min_sources, config.max_sources + 1))
-    wanted = min(config.num_test_class_sets, max_sets)
-    can_cover = wanted * config.max_sources >= config.num_classes
+    candidates = source_sets(config)
+    wanted = min(config.num_test_class_sets, len(candidates))
+    can_cover = len(set().union(*candidates)) == config.num_classes and wanted * config.max_sources >= config.num_classes
     for _ in range(1000):
-        pool = set()
-        while len(pool) < wanted:
-            size = int(rng.integers(config.min_sources, config.max_sources + 1))
-            pool.add(tuple(sorted(int(c) for c in rng.choice(config.num_classes, size, replace=False))))
+        pool = [candidates[i] for i in rng.choice(len(candidates), wanted, replace=False)]
         if not can_cover or len(set().union(*pool)) == config.num_classes: break
     return tuple(sorted(pool))
 
 def _schedule(rng, num_sources: int, config: SyntheticConfig) -> np.ndarray:
-    "Segments (M, 3) = source, start_s, end_s: one source at a time, 1-3 s each, short silences between."
+    """Segments (M, 3) = source, start_s, end_s: one source at a time, in rounds in which every source sounds once for the same
+    1-3 s (the last round shortened to fit), short silences between: every source sounds equally long in total."""
     low, high = config.segment_seconds
-    for _ in range(1000):
-        order, segments, previous = list(rng.permutation(num_sources)), [], -1
-        start = rng.uniform(0, config.gap_seconds[1])
-        while start < config.duration:
-            others = [s for s in range(num_sources) if s != previous] or [previous]
-            source = order.pop(0) if order else int(rng.choice(others))
-            end = min(start + rng.uniform(low, high), config.duration)
-            if end - start < low / 2: break                                 # no sliver of a segment at the end
-            segments.append((int(source), start, end)); previous = source
-            start = end + rng.uniform(*config.gap_seconds)
-        if {s for s, _, _ in segments} == set(range(num_sources)): return np.array(segments, dtype=np.float64)
-    raise RuntimeError(f"could not schedule {num_sources} sources in {config.duration} s with segments of {low}-{high} s")
+    segments, previous = [], -1
+    start = rng.uniform(0, config.gap_seconds[1])
+    while True:
+        order = list(rng.permutation(num_sources))
+        if num_sources > 1 and order[0] == previous: order = order[1:] + order[:1]      # never the same source twice in a row
+        gaps = rng.uniform(*config.gap_seconds, num_sources)                          # after each segment
+        length = min(rng.uniform(low, high), (config.duration - start - gaps[:-1].sum()) / num_sources)
+        if length < low / 2: break                                                    # no round of slivers at the end
+        for source, gap in zip(order, gaps):
+            segments.append((int(source), start, start + length))
+            start += length + gap
+        previous = order[-1]
+        if start >= config.duration: break
+    if not segments: raise RuntimeError(f"could not schedule {num_sources} sources in {config.duration} s with segments of {low}-{high} s")
+    return np.array(segments, dtype=np.float64)
 
 def _background(rng, size: int) -> np.ndarray:
-    "A dark, low-contrast background (size, size, 3) in 0..1: tinted base colour + gradient + coarse smooth noise."
-    hue, saturation, value = rng.uniform(0, 1), rng.uniform(0.1, 0.35), rng.uniform(0.16, 0.3)
-    base = value * (1 - saturation * (0.5 + 0.5 * np.cos(2 * np.pi * (hue - np.arange(3) / 3))))            # (3,)
+    """A low-contrast background (size, size, 3) in 0..1 whose mean brightness lies in `BACKGROUND_BRIGHTNESS`, between the shaded and
+    the lit parts of the objects (so brightness alone does not single out objects): tinted base colour + gradient + coarse smooth noise."""
+    hue, saturation, value = rng.uniform(0, 1), rng.uniform(0.05, 0.2), rng.uniform(*BACKGROUND_BRIGHTNESS)
+    base = value + saturation * value * np.cos(2 * np.pi * (hue - np.arange(3) / 3))                        # (3,) mean = value
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:size, 0:size] / size - 0.5                                                        # (H, W)
     gradient = rng.uniform(0.04, 0.1) * (np.cos(angle) * xs + np.sin(angle) * ys)                         # (H, W)
@@ -187,30 +253,38 @@ def _background(rng, size: int) -> np.ndarray:
     noise = np.einsum('hi,ijc,wj->hwc', interp, coarse, interp)                                          # (H, W, 3)
     return np.clip(base + gradient[..., None] + noise, 0, 1).astype(np.float32)
 
-def _place_sources(rng, radii, reach: float, size: int, max_tries: int = 2000) -> np.ndarray:
-    "Random centres (K, 2) so that discs of `radii` moving up to `reach` px per axis never come within 2 px."
+def _place_sources(rng, radii, reach: float, size: int, max_tries: int = 200) -> np.ndarray:
+    "Random centres (O, 2), one object after the other, so that discs of `radii` moving up to `reach` px per axis never come within 2 px."
     for _ in range(max_tries):
-        centres = np.stack([rng.uniform(r + reach, size - r - reach, 2) for r in radii])                # (K, 2)
-        gaps = [np.linalg.norm(centres[i] - centres[j]) - radii[i] - radii[j] - 2 * reach * math.sqrt(2)
-                for i in range(len(radii)) for j in range(i)]
-        if all(g >= 2 for g in gaps): return centres
-    raise RuntimeError(f"could not place {len(radii)} sources in a {size} px frame")
+        centres = []
+        for r in radii:
+            for _ in range(200):
+                c = rng.uniform(r + reach, size - r - reach, 2)                                            # (2,)
+                if all(np.linalg.norm(c - o) - r - ro - 2 * reach * math.sqrt(2) >= 2 for o, ro in zip(centres, radii)): break
+            else: break
+            centres.append(c)
+        if len(centres) == len(radii): return np.stack(centres)                                             # (O, 2)
+    raise RuntimeError(f"could not place {len(radii)} objects in a {size} px frame")
+
 
 # %% ../nbs/07_synthetic.ipynb #367abef9
-PULSE_SCALE, PULSE_DEPTH, PULSE_HZ = 1.06, 0.06, 2.5   # a sounding source's radius: x (1.06 +- 0.06) at 2.5 Hz
-IDLE_BRIGHTNESS = 0.45                                # silent sources are drawn at 45 % brightness
-SHADE = 0.5                                           # brightness of the dark part of a texture
+PULSE_SCALE, PULSE_DEPTH, PULSE_HZ = 1.06, 0.06, 2.5   # an active object's radius: x (1.06 +- 0.06) at 2.5 Hz; idle: x 1.06
+IDLE_CHROMA = 0.35                                    # an idle object's colour keeps 35 % of its chroma (same brightness)
+SHADE = 0.6                                           # brightness of the dark part of a texture
+BACKGROUND_BRIGHTNESS = (0.4, 0.6)                    # range of the background's mean brightness (objects: 0.33 shaded, 0.55 lit)
 
 @dataclass
 class Scene:
-    "Everything random about one clip, drawn from the clip's own generator."
-    classes: np.ndarray        # (K,) class of each source (distinct)
-    radii: np.ndarray          # (K,) base radius, pixels
-    centres: np.ndarray        # (K, 2) mean centre (x, y), pixels
-    drift: np.ndarray          # (K, 2) straight-line displacement over the clip, pixels
-    wobble: np.ndarray         # (K, 2) amplitude of a sinusoidal wobble, pixels
-    wobble_period: np.ndarray  # (K,) seconds
-    wobble_phase: np.ndarray   # (K, 2) radians
+    "Everything random about one clip, drawn from the clip's own generator. Objects 0..K-1 are the sound sources, the rest decoys."
+    classes: np.ndarray        # (O,) class of each visible object (distinct): K sources, then their decoys
+    num_sources: int           # K: objects 0..K-1 make sound
+    drives: np.ndarray         # (O,) source whose segments make the object active (a source: itself; a decoy: its source)
+    radii: np.ndarray          # (O,) base radius, pixels
+    centres: np.ndarray        # (O, 2) mean centre (x, y), pixels
+    drift: np.ndarray          # (O, 2) straight-line displacement over the clip, pixels
+    wobble: np.ndarray         # (O, 2) amplitude of a sinusoidal wobble, pixels
+    wobble_period: np.ndarray  # (O,) seconds
+    wobble_phase: np.ndarray   # (O, 2) radians
     segments: np.ndarray       # (M, 3) source index, start_s, end_s; at most one source sounds at a time
     segment_gains: np.ndarray  # (M,) peak amplitude of each segment's sound
     background: np.ndarray     # (H, W, 3) float32 in 0..1, silent clutter included
@@ -219,34 +293,67 @@ class Scene:
     audio_seed: int            # seeds the random parts of the sounds (noise, phases)
 
     def positions(self, times) -> np.ndarray:
-        "Centres (K, len(times), 2) of the sources at `times` seconds."
+        "Centres (O, len(times), 2) of the objects at `times` seconds."
         times = np.asarray(times, dtype=np.float64)[None, :, None]                                 # (1, N, 1)
-        period = self.wobble_period[:, None, None]                                                  # (K, 1, 1)
+        period = self.wobble_period[:, None, None]                                                  # (O, 1, 1)
         return (self.centres[:, None] + self.drift[:, None] * (times / self.duration - 0.5)
-                + self.wobble[:, None] * np.sin(2 * np.pi * times / period + self.wobble_phase[:, None]))  # (K, N, 2)
+                + self.wobble[:, None] * np.sin(2 * np.pi * times / period + self.wobble_phase[:, None]))  # (O, N, 2)
+
+    def active(self, times) -> np.ndarray:
+        "(O, len(times)) bool: whether each object is active (its source sounds) at `times` seconds."
+        return self.drives[:, None] == sounding_at(self.segments, times)[None, :]                   # (O, N)
+
+def choose_decoys(rng, sources, num_decoys: int, classes: list) -> np.ndarray:
+    """`num_decoys` classes that are not among `sources`. First those that pair the sources' ingredients differently (sources
+    (a, b), (c, d) -> decoys (a, c), (b, d)): the sources and the decoys then sound the same over a whole clip (every source sounds
+    equally long), and only which ingredients sound *together* tells them apart. Then those whose ingredients all occur in the
+    sources' sounds, then those sharing one."""
+    sources = [int(s) for s in sources]
+    heard = {i for s in sources for i in classes[s].ingredients}
+    others = [c.index for c in classes if c.index not in set(sources)]
+    chosen = []
+    if num_decoys % len(sources) == 0:
+        inside = [c for c in others if set(classes[c].ingredients) <= heard]
+        for _ in range(num_decoys // len(sources)):                                   # one other pairing of the heard ingredients each
+            import itertools
+            left = [c for c in inside if c not in chosen]
+            pairings = [combo for combo in itertools.combinations(left, len(sources))
+                        if {i for c in combo for i in classes[c].ingredients} == heard]
+            if not pairings: break
+            chosen += list(pairings[int(rng.integers(len(pairings)))])
+    rest = [c for c in others if c not in chosen]
+    covered = np.array([sum(i in heard for i in classes[c].ingredients) for c in rest])           # 0, 1 or 2 per candidate
+    order = np.lexsort((rng.random(len(rest)), -covered))                                        # most covered first, random ties
+    chosen += [rest[i] for i in order[:num_decoys - len(chosen)]]
+    return np.array(chosen, dtype=np.int64)
 
 def sample_scene(config: SyntheticConfig,   # parameters of the set
                  split: str,                # 'train' or 'test'
                  index: int,                # clip number within the split
                  seed: int = 0,             # seed of the whole set
-                 class_set=None,            # force these classes (default: test -> the pool, train -> any 2-3)
+                 class_set=None,            # force these source classes (default: test -> the pool, train -> any of `source_sets`)
                 ) -> Scene:
-    "Draw everything random about clip `index` of `split`: classes, layout, motion, sound schedule, clutter."
+    "Draw everything random about clip `index` of `split`: sources, decoys, layout, motion, sound schedule, clutter."
     rng = clip_rng(seed, split, index)
     if class_set is None:
         if split == 'test':
             pool = class_set_pool(config, seed)
             class_set = pool[index % len(pool)]                          # every set gets the same number of clips
         else:
-            class_set = rng.choice(config.num_classes, int(rng.integers(config.min_sources, config.max_sources + 1)), replace=False)
-    classes = rng.permutation(np.asarray(class_set, dtype=np.int64))
-    K, s = len(classes), config.scale
-    radii = rng.uniform(11, 15, K) * s
-    drift = rng.uniform(-4, 4, (K, 2)) * s
-    wobble = rng.uniform(1, 2.5, (K, 2)) * s
-    reach = 2 * s + 2.5 * s                                               # |drift| / 2 + |wobble| at most, per axis
+            candidates = source_sets(config)
+            class_set = candidates[int(rng.integers(len(candidates)))]
+    sources = rng.permutation(np.asarray(class_set, dtype=np.int64))
+    K, d, s = len(sources), config.decoys_per_source, config.scale
+    decoys = rng.permutation(choose_decoys(rng, sources, K * d, source_classes(config.num_classes)))
+    classes = np.concatenate([sources, decoys])                                                      # (O,)
+    drives = np.concatenate([np.arange(K), np.repeat(np.arange(K), d)])                             # (O,) decoy j*K.. follows source j
+    O = len(classes)
+    radii = rng.uniform(9.5, 12.5, O) * s
+    drift = rng.uniform(-3, 3, (O, 2)) * s
+    wobble = rng.uniform(0.8, 2, (O, 2)) * s
+    reach = 1.5 * s + 2 * s                                               # |drift| / 2 + |wobble| at most, per axis
     centres = _place_sources(rng, radii * (PULSE_SCALE + PULSE_DEPTH), reach, config.image_size)
-    wobble_period, wobble_phase = rng.uniform(3, 8, K), rng.uniform(0, 2 * np.pi, (K, 2))
+    wobble_period, wobble_phase = rng.uniform(3, 8, O), rng.uniform(0, 2 * np.pi, (O, 2))
     segments = _schedule(rng, K, config)
     gains = rng.uniform(0.45, 0.8, len(segments))
     background = _background(rng, config.image_size)
@@ -254,8 +361,9 @@ def sample_scene(config: SyntheticConfig,   # parameters of the set
         shape = str(rng.choice(['circle', 'square', 'triangle', 'bar']))
         grey = rng.uniform(0.3, 0.6) * (1 - 0.3 * (0.5 + 0.5 * np.cos(2 * np.pi * (rng.uniform() - np.arange(3) / 3))))
         _draw(background, shape, rng.uniform(6 * s, config.image_size - 6 * s, 2), rng.uniform(3.5, 7) * s, grey.astype(np.float32))
-    return Scene(classes, radii, centres, drift, wobble, wobble_period, wobble_phase, segments, gains, background,
+    return Scene(classes, K, drives, radii, centres, drift, wobble, wobble_period, wobble_phase, segments, gains, background,
                  float(rng.uniform(*config.noise_rms)), float(config.duration), int(rng.integers(2**63)))
+
 
 # %% ../nbs/07_synthetic.ipynb #3e75343c
 def shape_mask(shape: str,   # circle, square, triangle, diamond, star, ring, cross, hexagon or bar
@@ -290,6 +398,10 @@ def texture_lit(texture: str,   # solid, hstripes, vstripes, checker, diagonal, 
     if texture == 'grid': return (u % (2 * half) >= 0.5 * half) & (v % (2 * half) >= 0.5 * half)
     raise ValueError(f"unknown texture {texture!r}")
 
+def object_colours(cls: SourceClass) -> tuple:
+    "(active, idle) lit RGB colours in 0..1 of a class: the same brightness (mean of R, G, B), the idle one with less chroma."
+    return hue_colour(cls.hue).astype(np.float32), hue_colour(cls.hue, chroma=LIT_CHROMA * IDLE_CHROMA).astype(np.float32)
+
 def _draw(frame, shape, centre, radius, lit_colour, texture='solid', scale=1.0):
     "Paint one object into `frame` (H, W, 3) float32 in place; return its bounding-box slices and inside mask."
     height, width = frame.shape[:2]
@@ -318,39 +430,43 @@ def sounding_at(segments,   # (M, 3): who, start_s, end_s
 
 @dataclass
 class RenderedVideo:
-    "A clip's frames before encoding, and where each source is in the T sampled frames."
+    "A clip's frames before encoding, and where each visible object is in the T sampled frames."
     frames: np.ndarray         # (N, H, W, 3) uint8, every video frame
     frame_indices: np.ndarray  # (T,) video frame of each sampled frame
-    source_masks: np.ndarray   # (K, T, H, W) bool: pixels of each source in each sampled frame
-    centres: np.ndarray        # (K, T, 2) source centres (x, y) in the sampled frames
-    radii: np.ndarray          # (K, T) drawn radius in the sampled frames
+    object_masks: np.ndarray   # (O, T, H, W) bool: pixels of each object (sources, then decoys) in each sampled frame
+    centres: np.ndarray        # (O, T, 2) object centres (x, y) in the sampled frames
+    radii: np.ndarray          # (O, T) drawn radius in the sampled frames
+    active: np.ndarray         # (O, T) bool: drawn active (bright colours, pulsing) in the sampled frames
 
 def render_video(scene: Scene, config: SyntheticConfig, classes: list[SourceClass]) -> RenderedVideo:
-    "Draw every frame of the clip and the sources' masks in the sampled frames."
-    N, H, T, K = config.num_video_frames, config.image_size, config.num_frames, len(scene.classes)
+    """Draw every frame of the clip and the objects' masks in the sampled frames. An object is active while its source sounds: a
+    source and its decoys are drawn alike (full colour, pulsing from the segment's start), the others idle (less colour, still)."""
+    N, H, T, O = config.num_video_frames, config.image_size, config.num_frames, len(scene.classes)
     times = np.arange(N) / config.fps
-    positions = scene.positions(times)                                         # (K, N, 2)
-    active = sounding_at(scene.segments, times)                                # (N,) source index or -1
+    positions = scene.positions(times)                                         # (O, N, 2)
+    active = scene.active(times)                                               # (O, N)
     sampled = sampled_frame_indices(N, T)
     slot = {int(i): t for t, i in enumerate(sampled)}
-    masks, centres, radii = np.zeros((K, T, H, H), bool), np.zeros((K, T, 2)), np.zeros((K, T))
-    lit_colours = [np.asarray(classes[c].colour, np.float32) / 255 for c in scene.classes]
+    masks, centres, radii = np.zeros((O, T, H, H), bool), np.zeros((O, T, 2)), np.zeros((O, T))
+    colours = [object_colours(classes[c]) for c in scene.classes]
     frames = np.empty((N, H, H, 3), np.uint8)
     for i in range(N):
         frame = scene.background.copy()
-        for k in sorted(range(K), key=lambda k: k == active[i]):                # the sounding source is drawn last
-            cls = classes[scene.classes[k]]
-            if k == active[i]:
-                started = scene.segments[(scene.segments[:, 0] == k) & (scene.segments[:, 1] <= times[i]), 1].max()
-                radius = scene.radii[k] * (PULSE_SCALE + PULSE_DEPTH * np.sin(2 * np.pi * PULSE_HZ * (times[i] - started)))
-                colour = lit_colours[k]
-            else: radius, colour = scene.radii[k], lit_colours[k] * IDLE_BRIGHTNESS
-            box, inside = _draw(frame, cls.shape, positions[k, i], radius, colour, cls.texture, config.scale)
+        for o in range(O):                                                      # objects never overlap: the order does not matter
+            cls = classes[scene.classes[o]]
+            if active[o, i]:
+                source = scene.drives[o]
+                started = scene.segments[(scene.segments[:, 0] == source) & (scene.segments[:, 1] <= times[i]), 1].max()
+                radius = scene.radii[o] * (PULSE_SCALE + PULSE_DEPTH * np.sin(2 * np.pi * PULSE_HZ * (times[i] - started)))
+                colour = colours[o][0]
+            else: radius, colour = scene.radii[o] * PULSE_SCALE, colours[o][1]
+            box, inside = _draw(frame, cls.shape, positions[o, i], radius, colour, cls.texture, config.scale)
             if i in slot:
-                masks[k, slot[i]][box] = inside
-                centres[k, slot[i]], radii[k, slot[i]] = positions[k, i], radius
+                masks[o, slot[i]][box] = inside
+                centres[o, slot[i]], radii[o, slot[i]] = positions[o, i], radius
         frames[i] = np.round(frame * 255)
-    return RenderedVideo(frames, sampled, masks, centres, radii)
+    return RenderedVideo(frames, sampled, masks, centres, radii, active[:, sampled])
+
 
 # %% ../nbs/07_synthetic.ipynb #2bfc7b0a
 def synth_sound(kind: str,          # one of SOUND_KINDS
@@ -387,21 +503,76 @@ def synth_sound(kind: str,          # one of SOUND_KINDS
         return tone(mid) * (0.55 + 0.45 * np.sin(2 * np.pi * 12 * t))
     raise ValueError(f"unknown sound kind {kind!r}")
 
+INGREDIENT_RMS = 0.22   # each ingredient of a class sound: a tone peaks at 0.31, the hiss rarely passes 1 at the loudest gain (0.8)
+
+def class_sound(cls: SourceClass,     # the class
+                n: int,                # samples
+                sample_rate: int,      # Hz
+                rng,                   # numpy Generator for phases and noise
+               ) -> np.ndarray:        # (n,) float64, peak about 1 (rarely above)
+    "A class's sound: its two ingredients at once, each in its own band (energy only inside the two bands) and equally loud (rms 0.22)."
+    parts = [synth_sound(kind, band, n, sample_rate, rng) for kind, band in zip(cls.sounds, cls.bands_hz)]
+    return sum(INGREDIENT_RMS * part / (part.std() + 1e-12) for part in parts)
+
 FADE_SECONDS = 0.015
 
+def _background_noise(rng, n: int, sample_rate: int, rms: float) -> np.ndarray:
+    "Pinkish noise (-3 dB/octave above 300 Hz) of the given rms."
+    spectrum = np.fft.rfft(rng.normal(size=n)) / np.sqrt(1 + np.fft.rfftfreq(n, 1 / sample_rate) / 300)
+    noise = np.fft.irfft(spectrum, n)
+    return noise * (rms / noise.std())
+
+def _faded(sound: np.ndarray, sample_rate: int) -> np.ndarray:
+    "`sound` faded in and out over FADE_SECONDS (sin^2 ramps), so that its edges do not click."
+    ramp = np.minimum(np.arange(len(sound)) + 0.5, np.arange(len(sound))[::-1] + 0.5) / (FADE_SECONDS * sample_rate)
+    return sound * np.sin(0.5 * np.pi * np.minimum(ramp, 1)) ** 2
+
 def render_audio(scene: Scene, config: SyntheticConfig, classes: list[SourceClass]) -> np.ndarray:  # (num_samples,) float32
-    "The clip's mono waveform: faint pinkish background noise plus each segment's source sound."
+    "The clip's mono waveform: faint pinkish background noise plus each segment's source sound (decoys make none)."
     rng = np.random.default_rng(scene.audio_seed)
     n, sr = config.num_samples, config.sample_rate
-    spectrum = np.fft.rfft(rng.normal(size=n)) / np.sqrt(1 + np.fft.rfftfreq(n, 1 / sr) / 300)   # -3 dB/octave above 300 Hz
-    noise = np.fft.irfft(spectrum, n)
-    audio = noise * (scene.noise_rms / noise.std())
+    audio = _background_noise(rng, n, sr, scene.noise_rms)
     for (source, start, end), gain in zip(scene.segments, scene.segment_gains):
         i0, i1 = int(round(start * sr)), min(n, int(round(end * sr)))
-        cls = classes[scene.classes[int(source)]]
-        ramp = np.minimum(np.arange(i1 - i0) + 0.5, np.arange(i1 - i0)[::-1] + 0.5) / (FADE_SECONDS * sr)
-        audio[i0:i1] += gain * synth_sound(cls.sound, cls.band_hz, i1 - i0, sr, rng) * np.sin(0.5 * np.pi * np.minimum(ramp, 1)) ** 2
+        audio[i0:i1] += gain * _faded(class_sound(classes[scene.classes[int(source)]], i1 - i0, sr, rng), sr)
     return np.clip(audio, -1, 1).astype(np.float32)
+
+def class_waveform(class_index: int,                  # row of labels.csv
+                   config: SyntheticConfig | None = None,   # the set's parameters (default: SyntheticConfig())
+                   seconds: float | None = None,      # length (default: the clip duration)
+                   gain: float = 0.6,                 # peak amplitude of the sound (clips use 0.45 - 0.8)
+                   noise_rms: float = 0.01,           # background noise level (clips use 0.005 - 0.02)
+                   seed: int = 0,                     # seeds phases and noise
+                  ) -> np.ndarray:                    # (seconds * sample_rate,) float32 in [-1, 1]
+    """A class's sound as the testbed renders it (before AAC): background noise with the class sounding throughout, faded in and out.
+    For the swap test: `cavmae_sync.audio.clip_spectrogram` of it gives the model's input for any window."""
+    config = config or SyntheticConfig()
+    classes = source_classes(config.num_classes)
+    if not isinstance(class_index, (int, np.integer)) or not 0 <= class_index < len(classes):
+        raise ValueError(f"class_index must be an integer between 0 and {len(classes) - 1}, got {class_index!r}")
+    sr = config.sample_rate
+    n = int(round((config.duration if seconds is None else seconds) * sr))
+    if n <= 2 * FADE_SECONDS * sr: raise ValueError(f"seconds must be longer than {2 * FADE_SECONDS} s, got {seconds}")
+    rng = np.random.default_rng([int(seed), int(class_index)])
+    audio = _background_noise(rng, n, sr, noise_rms) + gain * _faded(class_sound(classes[int(class_index)], n, sr, rng), sr)
+    return np.clip(audio, -1, 1).astype(np.float32)
+
+def class_window(class_index: int,                    # row of labels.csv
+                 window: int = 256,                   # L: fbank frames (the tiny preset's 256, the released model's 416)
+                 config: SyntheticConfig | None = None,
+                 seed: int = 0,
+                ):                                    # (window, 128) float32 torch tensor
+    "The model's audio input for one frame while `class_index` sounds: the normalized fbank window of `class_waveform`, from its middle."
+    import torch
+    from cavmae_sync.audio import clip_spectrogram
+    config = config or SyntheticConfig()
+    if not isinstance(window, (int, np.integer)) or not 0 < window <= int(round(config.duration * 100)):
+        raise ValueError(f"window must be between 1 and {int(round(config.duration * 100))} fbank frames, got {window!r}")
+    waveform = torch.from_numpy(class_waveform(class_index, config, seed=seed))
+    spectrogram = clip_spectrogram(waveform, config.sample_rate, target_length=int(round(config.duration * 100)))  # (S, 128)
+    start = (len(spectrogram) - window) // 2
+    return spectrogram[start:start + window]                                                         # (window, 128)
+
 
 # %% ../nbs/07_synthetic.ipynb #b13e7d26
 def x264_options(config: SyntheticConfig) -> dict:
@@ -438,25 +609,46 @@ def write_mp4(path,                   # output .mp4
 # %% ../nbs/07_synthetic.ipynb #bf041a2c
 @dataclass
 class ClipGroundTruth:
-    "What is where, and what sounds when, in one synthetic clip."
+    "What is where, and what sounds when, in one synthetic clip: its K sound sources and every visible object (sources, then decoys)."
     video_id: str
-    classes: np.ndarray        # (K,) class of each source in the clip
+    object_classes: np.ndarray # (O,) class of each visible object; objects 0..K-1 are the sources, the rest silent decoys
+    num_sources: int           # K
     segments: np.ndarray       # (M, 3) class, start_s, end_s of every sounding segment, in time order
     frame_indices: np.ndarray  # (T,) video frame of each sampled frame
     frame_times: np.ndarray    # (T,) seconds: frame_indices / fps
     sounding: np.ndarray       # (T,) class sounding in each sampled frame, -1 for silence
-    source_masks: np.ndarray   # (K, T, H, W) bool: pixels of each source in each sampled frame
-    centres: np.ndarray        # (K, T, 2) centre (x, y) of each source in each sampled frame, pixels
-    radii: np.ndarray          # (K, T) drawn radius of each source in each sampled frame, pixels
+    object_masks: np.ndarray   # (O, T, H, W) bool: pixels of each object in each sampled frame
+    object_active: np.ndarray  # (O, T) bool: drawn active in each sampled frame (a source while it sounds, and its decoys with it)
+    object_centres: np.ndarray # (O, T, 2) centre (x, y) of each object in each sampled frame, pixels
+    object_radii: np.ndarray   # (O, T) drawn radius of each object in each sampled frame, pixels
     fps: float
     duration: float
 
     @property
+    def classes(self) -> np.ndarray: return self.object_classes[:self.num_sources]       # (K,) class of each source
+    @property
+    def source_masks(self) -> np.ndarray: return self.object_masks[:self.num_sources]    # (K, T, H, W)
+    @property
+    def centres(self) -> np.ndarray: return self.object_centres[:self.num_sources]      # (K, T, 2)
+    @property
+    def radii(self) -> np.ndarray: return self.object_radii[:self.num_sources]          # (K, T)
+    @property
+    def object_sounds(self) -> np.ndarray:
+        "(O,) bool: which objects are sound sources."
+        return np.arange(len(self.object_classes)) < self.num_sources
+
+    @property
+    def sounding_object(self) -> np.ndarray:
+        "(T,) the object sounding in each sampled frame (an index into `object_classes`), -1 for silence."
+        index = {int(c): o for o, c in enumerate(self.classes)}
+        return np.array([index.get(int(c), -1) for c in self.sounding], dtype=np.int64)
+
+    @property
     def sounding_mask(self) -> np.ndarray:
         "(T, H, W) bool: the sounding source's pixels in each sampled frame (all False while silent)."
-        masks = np.zeros(self.source_masks.shape[1:], bool)
-        for t, cls in enumerate(self.sounding):
-            if cls >= 0: masks[t] = self.source_masks[list(self.classes).index(cls), t]
+        masks = np.zeros(self.object_masks.shape[1:], bool)
+        for t, o in enumerate(self.sounding_object):
+            if o >= 0: masks[t] = self.object_masks[o, t]
         return masks
 
     def sounding_at(self, times) -> np.ndarray:
@@ -470,10 +662,10 @@ def _save_ground_truth(path, video_id: str, scene: Scene, config: SyntheticConfi
     segments = scene.segments.copy()
     segments[:, 0] = scene.classes[segments[:, 0].astype(int)]                  # source index -> class
     frame_times = video.frame_indices / config.fps
-    np.savez_compressed(path, video_id=video_id, classes=scene.classes, segments=segments, frame_indices=video.frame_indices,
-                        frame_times=frame_times, sounding=sounding_at(segments, frame_times),
-                        source_masks=np.packbits(video.source_masks, axis=-1), mask_width=video.source_masks.shape[-1],
-                        centres=video.centres.astype(np.float32), radii=video.radii.astype(np.float32),
+    np.savez_compressed(path, video_id=video_id, object_classes=scene.classes, num_sources=scene.num_sources, segments=segments,
+                        frame_indices=video.frame_indices, frame_times=frame_times, sounding=sounding_at(segments, frame_times),
+                        object_masks=np.packbits(video.object_masks, axis=-1), mask_width=video.object_masks.shape[-1],
+                        object_active=video.active, centres=video.centres.astype(np.float32), radii=video.radii.astype(np.float32),
                         fps=config.fps, duration=config.duration)
 
 def load_ground_truth(root,          # folder of a synthetic set
@@ -483,9 +675,13 @@ def load_ground_truth(root,          # folder of a synthetic set
     path = Path(root) / 'ground_truth' / f'{video_id}.npz'
     if not path.exists(): raise FileNotFoundError(f"{path}: no ground truth for video {video_id!r} (is {root} a synthetic data set?)")
     with np.load(path) as z:
-        masks = np.unpackbits(z['source_masks'], axis=-1, count=int(z['mask_width'])).astype(bool)
-        return ClipGroundTruth(str(z['video_id']), z['classes'], z['segments'], z['frame_indices'], z['frame_times'],
-                               z['sounding'], masks, z['centres'], z['radii'], float(z['fps']), float(z['duration']))
+        if 'object_classes' not in z:
+            raise ValueError(f"{path}: ground truth of an older testbed version (no decoys); regenerate the set (force=True / --force)")
+        masks = np.unpackbits(z['object_masks'], axis=-1, count=int(z['mask_width'])).astype(bool)
+        return ClipGroundTruth(str(z['video_id']), z['object_classes'], int(z['num_sources']), z['segments'], z['frame_indices'],
+                               z['frame_times'], z['sounding'], masks, z['object_active'], z['centres'], z['radii'],
+                               float(z['fps']), float(z['duration']))
+
 
 # %% ../nbs/07_synthetic.ipynb #37c1ac9b
 def video_id(split: str, index: int) -> str: return f'{split}_{index:05d}'
@@ -503,7 +699,7 @@ def generate_clip(root,                     # folder being written (holds videos
     vid, root = video_id(split, index), Path(root)
     write_mp4(root / 'videos' / f'{vid}.mp4', video.frames, render_audio(scene, config, classes), config)
     _save_ground_truth(root / 'ground_truth' / f'{vid}.npz', vid, scene, config, video)
-    return dict(video_id=vid, split=split, index=index, labels=','.join(classes[c].mid for c in sorted(scene.classes)))
+    return dict(video_id=vid, split=split, index=index, labels=",".join(classes[c].mid for c in sorted(scene.classes[:scene.num_sources])))
 
 _WORKER = {}
 def _init_worker(root, config, seed): _WORKER.update(root=root, config=config, seed=seed)
@@ -705,7 +901,14 @@ def _remove_stale_partials(root: Path):
         except PermissionError: alive = True
         if not alive: shutil.rmtree(partial, ignore_errors=True)
 
-def default_synthetic(root=None,                             # default: data_dir() / 'synthetic'
+def cache_folder(num_train: int = DEFAULT_NUM_TRAIN, num_test: int = DEFAULT_NUM_TEST, seed: int = 0) -> Path:
+    """The package's cache folder for a set of this size and seed, named after `SYNTHETIC_VERSION` (`data_dir()/synthetic_v2` for the
+    default size, `synthetic_v2_<train>x<test>_seed<seed>` otherwise): a new version writes new folders and never replaces older sets."""
+    from cavmae_sync.config import data_dir
+    default = (num_train, num_test, seed) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, 0)
+    return data_dir() / (f'synthetic_v{SYNTHETIC_VERSION}' + ('' if default else f'_{num_train}x{num_test}_seed{seed}'))
+
+def default_synthetic(root=None,                             # default: `cache_folder(num_train, num_test, seed)`
                       num_train: int = DEFAULT_NUM_TRAIN,
                       num_test: int = DEFAULT_NUM_TEST,
                       seed: int = 0,
@@ -716,10 +919,10 @@ def default_synthetic(root=None,                             # default: data_dir
                      ) -> Path:
     """The synthetic set the reproduction notebooks use by default: generated once, then reused. A folder you name that holds a set
     made with other parameters is refused (the error names the folder and the parameters that differ) unless `force`; the cache
-    folders under `data_dir()` (`synthetic`, `synthetic_<size>_seed<seed>`) are the package's own and are regenerated. Replacing a set removes only the files the generator wrote (its
+    folders under `data_dir()` (`synthetic*`, see `cache_folder`) are the package's own and are regenerated. Replacing a set removes only the files the generator wrote (its
     manifest): anything else in the folder stays."""
     from cavmae_sync.config import data_dir
-    root = (Path(root) if root is not None else data_dir() / 'synthetic').resolve()
+    root = (Path(root) if root is not None else cache_folder(num_train, num_test, seed)).resolve()
     cache = root.parent == data_dir().resolve() and root.name.startswith('synthetic')   # the package's own cache folders
     config = SyntheticConfig(**options)
     wanted = _params(config, seed, num_train, num_test, root)
@@ -742,7 +945,7 @@ def synthetic_cli(argv=None):
     from cavmae_sync.config import data_dir
     parser = argparse.ArgumentParser(prog='cavmae-sync-synthetic',
                                      description='Generate the synthetic audio-visual data set (cached: regenerated only when a parameter changes).')
-    parser.add_argument('--root', type=Path, default=None, help=f"output folder (default: {data_dir() / 'synthetic'})")
+    parser.add_argument('--root', type=Path, default=None, help=f"output folder (default: {cache_folder()} for the default size)")
     parser.add_argument('--num-train', type=int, default=DEFAULT_NUM_TRAIN, help='training clips')
     parser.add_argument('--num-test', type=int, default=DEFAULT_NUM_TEST, help='test clips')
     parser.add_argument('--seed', type=int, default=0)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from cavmae_sync import train
+from cavmae_sync import finetuning, pretraining, train, train_config
 
 
 def recorded_run(kind: str, record_dir, argv: list[str]):
-    "Run `train.pretrain` / `train.finetune` on the settings `argv`; write this rank's samples and final weights to `record_dir`."
+    "Run `pretraining.pretrain` / `finetuning.finetune` on the settings `argv`; write this rank's samples and final weights to `record_dir`."
     record, fit = {'steps': [], 'initial': None}, train.fit
 
     def fit_recording(config, task, ctx=None, desc='train'):
@@ -28,12 +28,12 @@ def recorded_run(kind: str, record_dir, argv: list[str]):
         record['weights'] = {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}
         return fitted
 
-    train.fit = fit_recording
+    for runner in (pretraining, finetuning): runner.fit = fit_recording
     try:
-        cls, run = (train.PretrainConfig, train.pretrain) if kind == 'pretrain' else (train.FinetuneConfig, train.finetune)
-        result = run(train.config_from_args(cls, argv))
+        cls, run = (train_config.PretrainConfig, pretraining.pretrain) if kind == 'pretrain' else (train_config.FinetuneConfig, finetuning.finetune)
+        result = run(train_config.config_from_args(cls, argv))
     finally:
-        train.fit = fit
+        for runner in (pretraining, finetuning): runner.fit = fit
     rank, out = int(os.environ.get('RANK', 0)), Path(record_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'rank{rank}.json').write_text(json.dumps({'rank': rank, 'world_size': int(os.environ.get('WORLD_SIZE', 1)),

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cavmae_sync import train
+from cavmae_sync import clip_cache, pretraining, train, train_config
 from cavmae_sync.config import MediaError, PreprocessConfig
 from cavmae_sync.data import DatafileDataset, count_extracted_frames, load_clip, prepare_dataset
 from cavmae_sync.model import tiny
@@ -16,8 +16,8 @@ MINI = dict(embed_dim=32, num_heads=2, modality_depth=1, decoder_embed_dim=32, d
             image_size=32, audio_length=64, num_frames=4, num_registers=2)
 
 
-def mini_config(clips: Path, out: Path, **overrides) -> train.PretrainConfig:
-    return train.PretrainConfig(model=tiny(**MINI), train_data=str(clips / 'train.json'), eval_data='', output_dir=str(out),
+def mini_config(clips: Path, out: Path, **overrides) -> train_config.PretrainConfig:
+    return train_config.PretrainConfig(model=tiny(**MINI), train_data=str(clips / 'train.json'), eval_data='', output_dir=str(out),
                                 batch_size=4, lr=1e-3, lr_reference_batch=4, epochs=1, log_every=1, progress=False,
                                 tensorboard=False, seed=3, **overrides)
 
@@ -57,7 +57,7 @@ def test_the_decode_cache_takes_labels_from_the_data_set_and_notices_replaced_fi
     root = copy_set(clips, tmp_path / 'set')
     config = mini_config(root, tmp_path / 'unused')
     first = train.clip_dataset(config, root / 'train.json', 'eval')
-    assert isinstance(first, train.DecodedClips)
+    assert isinstance(first, clip_cache.DecodedClips)
     labels = pd.read_csv(root / 'labels.csv')
     datafile = json.loads((root / 'train.json').read_text())
     datafile['data'][0]['labels'] = labels['mid'].iloc[-1]                   # a corrected label for clip 0
@@ -101,14 +101,14 @@ def test_audio_that_starts_late_is_aligned_to_the_frames_and_named(tmp_path):
 def test_two_runs_into_one_output_dir_cannot_interleave(clips, tmp_path):
     out = tmp_path / 'run'
     with train.output_dir_lock(out):
-        with pytest.raises(FileExistsError, match='another run is writing') as error: train.pretrain(mini_config(clips, out))
+        with pytest.raises(FileExistsError, match='another run is writing') as error: pretraining.pretrain(mini_config(clips, out))
         assert str(out) in str(error.value)
     assert not (out / 'last.pt').exists()
     # a lock left by a killed run of this host is taken over
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True).stdout.strip()
     import socket
     (out / '.lock').write_text(f'{socket.gethostname()} {dead}')
-    result = train.pretrain(mini_config(clips, out))
+    result = pretraining.pretrain(mini_config(clips, out))
     assert result.checkpoint_path.is_file() and not (out / '.lock').exists()
 
 
@@ -117,15 +117,15 @@ def test_skip_errors_survives_an_unreadable_first_clip_and_lists_it(clips, tmp_p
     first = Path(json.loads((root / 'train.json').read_text())['data'][0]['video_path'])
     first.write_bytes(b'not a video at all')
     out = tmp_path / 'run'
-    result = train.pretrain(mini_config(root, out, skip_errors=True))       # default cache ('auto')
+    result = pretraining.pretrain(mini_config(root, out, skip_errors=True))       # default cache ('auto')
     listed = (out / 'skipped_files.tsv').read_text().splitlines()
     assert len(listed) == 1 and listed[0].startswith(str(first)) and result.checkpoint_path.is_file()
-    with pytest.raises(MediaError, match=str(first)): train.pretrain(mini_config(root, tmp_path / 'strict'))
+    with pytest.raises(MediaError, match=str(first)): pretraining.pretrain(mini_config(root, tmp_path / 'strict'))
 
 
 def test_cache_budget_is_the_running_total(clips, capsys):
     config = mini_config(clips, Path('unused'), cache_max_gb=1e-4)          # 100 KiB: less than two decoded clips
     dataset = train.clip_dataset(config, clips / 'train.json', 'train')
-    assert not isinstance(dataset, train.DecodedClips)
+    assert not isinstance(dataset, clip_cache.DecodedClips)
     assert 'not kept in memory' in capsys.readouterr().out
-    assert isinstance(train.clip_dataset(mini_config(clips, Path('unused')), clips / 'train.json', 'train'), train.DecodedClips)
+    assert isinstance(train.clip_dataset(mini_config(clips, Path('unused')), clips / 'train.json', 'train'), clip_cache.DecodedClips)

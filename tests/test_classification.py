@@ -1,135 +1,13 @@
-"Classification metrics against hand-computed cases and direct definitions; linear probe; classifier evaluation."
+"Classification: linear probe, frozen features, classifier evaluation, published numbers (the metrics themselves: test_metrics.py)."
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cavmae_sync.classification import (average_precision, mean_average_precision, accuracy, linear_probe,
-                                        extract_features, evaluate_classifier)
-
-
-def definition_ap(scores, targets):
-    "Mean over positives of the precision among all clips scored at least as high (ties enter together)."
-    scores, targets = np.asarray(scores, float), np.asarray(targets, bool)
-    return float(np.mean([targets[scores >= scores[i]].mean() for i in np.flatnonzero(targets)]))
-
-
-@pytest.mark.parametrize('scores, targets, expected', [
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 5 / 6),                # scikit-learn's documented example
-    ([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1], 5 / 12),                # tie group (1 positive, 1 negative) enters together
-    ([0.5, 0.5, 0.5, 0.1], [1, 0, 1, 0], 2 / 3),
-    ([0.3, 0.3, 0.3, 0.3], [0, 1, 0, 0], 1 / 4),                 # everything tied: AP = prevalence
-    ([3.0, 2.0, 1.0], [1, 1, 0], 1.0),
-    ([1.0, 2.0, 3.0], [1, 0, 0], 1 / 3),
-    ([0.7, 0.7, 0.2, 0.2, 0.9], [1, 0, 1, 0, 0], (1 / 3 + 2 / 5) / 2),
-])
-def test_average_precision_hand_computed(scores, targets, expected):
-    assert math.isclose(average_precision(scores, targets), expected, rel_tol=1e-12)
-    assert math.isclose(average_precision(torch.tensor(scores), torch.tensor(targets).bool()), expected, rel_tol=1e-12)
-
-
-@pytest.mark.parametrize('seed', range(10))
-def test_average_precision_matches_definition_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    scores, targets = rng.integers(0, 5, 60) / 4, rng.random(60) < 0.25
-    targets[0] = True
-    assert math.isclose(average_precision(scores, targets), definition_ap(scores, targets), rel_tol=1e-12)
-
-
-def test_average_precision_rejects_bad_input():
-    with pytest.raises(ValueError, match='without positives'):
-        average_precision([0.2, 0.1], [0, 0], no_positives='raise')
-    with pytest.raises(ValueError, match='0/1'):
-        average_precision([0.2, 0.1], [0, 0.5])
-    with pytest.raises(ValueError, match='NaN'):
-        average_precision([float('nan'), 0.1], [1, 0])
-    with pytest.raises(ValueError, match='matching'):
-        average_precision([0.2, 0.1], [1, 0, 1])
-    with pytest.raises(ValueError, match="'zero' or 'raise'"):
-        average_precision([0.2, 0.1], [1, 0], no_positives='skip')
-
-
-def test_no_positives_is_zero_with_scikit_learns_warning():
-    with pytest.warns(UserWarning, match='No positive class found in y_true, recall is set to one for all thresholds'):
-        assert average_precision([0.2, 0.1, 0.7], [0, 0, 0]) == 0.0
-
-
-def no_positive_case():
-    gen = torch.Generator().manual_seed(0)
-    scores = torch.randn(80, 12, generator=gen).round(decimals=1)
-    targets = torch.rand(80, 12, generator=gen) < 0.1
-    targets[:, [4, 9]] = False
-    targets[0, [c for c in range(12) if c not in (4, 9)]] = True          # every other class has a positive
-    return scores, targets
-
-
-def test_mean_average_precision_counts_classes_without_positives_as_zero_by_default():
-    scores, targets = no_positive_case()
-    with pytest.warns(UserWarning, match=r'No positive class found in y_true.*2 of 12 classes.*\[4, 9\]'):
-        result = mean_average_precision(scores, targets)
-    per_class = [definition_ap(scores[:, c].numpy(), targets[:, c].numpy()) * 100 if c not in (4, 9) else 0.0 for c in range(12)]
-    assert result.classes_without_positives == [4, 9] and result.no_positives == 'zero'
-    assert (result.per_class[[4, 9]] == 0).all() and result.evaluated_classes == list(range(12))
-    assert math.isclose(result.mAP, sum(per_class) / 12, rel_tol=1e-9)    # hand-computed: the 10 APs and two zeros over 12
-    assert 'counted as AP 0' in repr(result)
-    frame = result.to_frame([f'c{i}' for i in range(12)])
-    assert frame['evaluated'].sum() == 12 and frame['has_positives'].sum() == 10
-
-
-def test_mean_average_precision_can_exclude_classes_without_positives():
-    scores, targets = no_positive_case()
-    result = mean_average_precision(scores, targets, no_positives='exclude')
-    assert result.classes_without_positives == [4, 9]
-    assert torch.isnan(result.per_class[[4, 9]]).all() and not torch.isnan(result.per_class[[0, 1, 2, 3, 5]]).any()
-    per_class = [definition_ap(scores[:, c].numpy(), targets[:, c].numpy()) * 100 for c in range(12) if c not in (4, 9)]
-    assert math.isclose(result.mAP, np.mean(per_class), rel_tol=1e-9)
-    assert 'left out' in repr(result) and result.to_frame()['evaluated'].sum() == 10
-    with pytest.raises(ValueError, match='no class'):
-        mean_average_precision(scores, torch.zeros_like(targets))
-    with pytest.raises(ValueError, match='no_positives must be one of'):
-        mean_average_precision(scores, targets, no_positives='nan')
-
-
-def test_mean_average_precision_hand_computed_small_case():
-    scores = torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.7, 0.3], [0.1, 0.6, 0.2], [0.3, 0.1, 0.0]])
-    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])         # class 2 has no positive
-    with pytest.warns(UserWarning):
-        assert math.isclose(mean_average_precision(scores, targets).mAP, (0.75 + 1.0 + 0.0) / 3 * 100)
-    assert math.isclose(mean_average_precision(scores, targets, no_positives='exclude').mAP, (0.75 + 1.0) / 2 * 100)
-
-
-def test_against_scikit_learn_when_installed():
-    "The released CAV-MAE code's mAP: sklearn's average_precision_score per class, then the mean over all classes."
-    sklearn_metrics = pytest.importorskip('sklearn.metrics')
-    import warnings
-    gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(150, 20, generator=gen).round(decimals=1)              # rounding makes ties
-    targets = torch.rand(150, 20, generator=gen) < 0.08
-    targets[:, [3, 17]] = False                                                  # two classes without positives
-    with warnings.catch_warnings(record=True) as theirs:
-        warnings.simplefilter('always')
-        reference = [sklearn_metrics.average_precision_score(targets[:, k].numpy(), scores[:, k].numpy()) for k in range(20)]
-    assert reference[3] == reference[17] == 0.0
-    assert any('No positive class found in y_true' in str(w.message) for w in theirs)
-    with pytest.warns(UserWarning, match='No positive class found in y_true'):
-        ours = mean_average_precision(scores, targets)
-    np.testing.assert_allclose(ours.per_class.double().numpy(), np.array(reference) * 100, rtol=1e-6, atol=1e-5)
-    assert math.isclose(ours.mAP, float(np.mean(reference)) * 100, rel_tol=1e-6)
-    for k in (0, 5):
-        assert math.isclose(average_precision(scores[:, k], targets[:, k]), reference[k], rel_tol=1e-12)
-
-
-def test_accuracy():
-    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
-    assert accuracy(logits, [1, 0, 0, 0]) == 75.0
-    assert accuracy(logits, F.one_hot(torch.tensor([1, 0, 0, 0]), 2)) == 75.0
-    with pytest.raises(ValueError, match='exactly one'):
-        accuracy(logits, torch.ones(4, 2))
-    with pytest.raises(ValueError):
-        accuracy(logits, [1, 0, 2, 0])
+from cavmae_sync.classification import linear_probe, extract_features, evaluate_classifier
+from cavmae_sync.metrics import accuracy
 
 
 def test_linear_probe_single_and_multi_label():

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cavmae_sync.config import PreprocessConfig, MediaError
-from cavmae_sync.localization import (similarity_maps, localization_scores, best_iou, ADE20KSound, ade20k_class_map,
+from cavmae_sync.metrics import best_iou
+from cavmae_sync.localization import (similarity_maps, localization_scores, ADE20KSound, ade20k_class_map,
                                       localization_maps, evaluate_localization, overlay, to_image, clip_similarity_maps,
                                       LocalizationViewer, ADE20K_SOUND_FOLDER)
 
@@ -34,22 +35,6 @@ def test_similarity_maps_match_per_patch_cosine():
         similarity_maps(audio[:2], tokens, grid=(3, 4))
 
 
-def direct_best_iou(values, targets, k=20):
-    values, targets = np.asarray(values, float), np.asarray(targets, bool)
-    best = 0.0
-    for threshold in np.linspace(values.min(), values.max(), k):
-        predicted = values > threshold
-        union = np.logical_or(predicted, targets).sum()
-        best = max(best, np.logical_and(predicted, targets).sum() / union if union else 0.0)
-    return best
-
-
-def test_best_iou_matches_direct_thresholds():
-    rng = np.random.default_rng(0)
-    for _ in range(10):
-        values, targets = rng.random(200), rng.random(200) < 0.3
-        iou, _ = best_iou(torch.tensor(values), torch.tensor(targets))
-        assert np.isclose(iou, direct_best_iou(values, targets))
 
 
 def test_perfect_and_inverted_maps():

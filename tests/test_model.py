@@ -234,7 +234,7 @@ def test_joint_depth_two_runs_both_joint_blocks():
 @pytest.mark.parametrize('fields', [dict(), dict(num_registers=0), dict(global_tokens=False), dict(audio_length=128), dict(audio_length=512)])
 def test_ablation_variants_change_the_token_sequence(fields):
     "The trained variants of ablations.ipynb: registers appended and dropped, a global token prepended, L/16 time columns of audio."
-    from cavmae_sync.train import TrainConfig
+    from cavmae_sync.train_config import TrainConfig
     cfg = small(**fields)
     model = CAVMAESync(cfg).eval()
     lengths = []

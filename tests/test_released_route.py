@@ -12,7 +12,7 @@ from cavmae_sync.checkpoint import load_official
 from cavmae_sync.config import PreprocessConfig
 from cavmae_sync.audio import clip_spectrogram, load_audio
 from cavmae_sync.data import prepare_dataset, read_clip_audio
-from cavmae_sync.retrieval import embed_video
+from cavmae_sync.embeddings import embed_video
 from cavmae_sync.video import ReleasedPipelineWarning
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 import cavmae_sync.search as search
 from cavmae_sync.checkpoint import save_checkpoint
 from cavmae_sync.model import CAVMAESync, tiny
-from cavmae_sync.retrieval import embed_video, similarity
+from cavmae_sync.embeddings import embed_video
+from cavmae_sync.retrieval import similarity
 from cavmae_sync.search import (ClipIndex, build_index, embed_audio_file, embed_image_file, index_cli, query_vector, search_cli,
                                 search_files)
 from cavmae_sync.video import write_video

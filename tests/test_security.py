@@ -44,7 +44,7 @@ def test_library_entry_points_refuse_a_hostile_pickle(hostile, entry_point):
 
 
 def test_caches_refuse_a_hostile_pickle(hostile):
-    from cavmae_sync.retrieval import ClipEmbeddings
+    from cavmae_sync.embeddings import ClipEmbeddings
     path, marker = hostile
     with pytest.raises(Exception) as error: ClipEmbeddings.load(path)
     assert str(path) in str(error.value)

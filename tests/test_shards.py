@@ -1,5 +1,6 @@
 """Shards: written in disjoint parts by the command line, read back as the mp4s read under the released preset, split
-over 2 processes x 2 workers into disjoint samples that together cover the epoch."""
+over 2 processes x 2 workers into disjoint samples that together cover the epoch; decoded in batches (`batch_decode`) as
+the per-sample path decodes them."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 from cavmae_sync.config import PreprocessConfig
 from cavmae_sync.data import load_clip
 from cavmae_sync.shards import ShardDataset, list_shards
+from cavmae_sync.batch_decode import BatchDecoder, collate_raw
 
 RELEASED = PreprocessConfig(num_frames=4, image_size=32, window=64, frame_preset='released')
 
@@ -118,3 +120,50 @@ def test_pretraining_streams_shards_and_resumes_bit_for_bit(clips, tmp_path):
     assert list(losses[0].index) == list(range(1, 7)) and losses[0].equals(losses[1])
     a, b = (load_checkpoint(tmp_path / name / 'model.pt').state_dict for name in ('whole', 'killed'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+AUDIO_TOLERANCE = 1e-4     # batched vs per-clip fbank: float32 rounding of a batched FFT and matrix product; frames are equal
+
+
+def test_batch_decoding_gives_the_per_sample_items_and_load_clip(collection):
+    "Evaluation batches: the batch decoder's frames equal `load_clip`'s on the mp4s (released preset), its windows agree within 1e-4."
+    decoded = BatchDecoder(RELEASED)(collate_raw(list(ShardDataset(collection / 'out', 'eval', RELEASED, raw=True))))
+    clips = len(list((collection / 'videos').iterdir()))
+    assert decoded['frames'].shape == (clips, 4, 3, 32, 32) and decoded['audio'].shape == (clips, 4, 64, 128)
+    for b, video_id in enumerate(decoded['video_id']):
+        direct = load_clip(collection / 'videos' / f'{video_id}.mp4', config=RELEASED)
+        assert torch.equal(decoded['frames'][b], direct.frames)
+        assert (decoded['audio'][b] - direct.audio).abs().max() < AUDIO_TOLERANCE
+
+
+@pytest.mark.parametrize('augment', [False, True])
+def test_raw_loader_workers_and_batch_decoder_give_the_per_sample_batches(collection, augment):
+    "Training, 2 DataLoader workers, batches of 3: raw samples + `BatchDecoder` give the per-sample path's batches, crops included."
+    def batches(raw):
+        data = ShardDataset(collection / 'out', 'train', RELEASED, shuffle_buffer=3, seed=4, augment=augment, raw=raw)
+        return list(DataLoader(data, batch_size=3, num_workers=2, collate_fn=data.collate_fn))
+    decoder = BatchDecoder(RELEASED, 'cpu')
+    expected, got = batches(False), [decoder(batch) for batch in batches(True)]
+    assert len(got) == len(expected) == 4                      # 2 workers x (3 + 2) clips of their 5 shards each
+    for a, b in zip(got, expected):
+        assert a['video_id'] == b['video_id'] and torch.equal(a['frame_index'], b['frame_index'])
+        assert torch.equal(a['frames'], b['frames']) and (a['audio'] - b['audio']).abs().max() < AUDIO_TOLERANCE
+    if augment:                                                # crops: not the centre crop of the same frame
+        centre = [decoder(batch) for batch in
+                  DataLoader(ShardDataset(collection / 'out', 'train', RELEASED, shuffle_buffer=3, seed=4, raw=True),
+                             batch_size=3, num_workers=2, collate_fn=collate_raw)]
+        assert not all(torch.equal(a['frames'], c['frames']) for a, c in zip(got, centre))
+
+
+def test_batch_decoding_of_real_clips_at_the_released_size(media_dir, tmp_path):
+    "Two real 10-s clips at the released model's sizes (T=16, 224 px, L=416; 998 fbank frames padded to 1,024): as the per-sample path."
+    from cavmae_sync.shards import write_shards
+    released = PreprocessConfig(frame_preset='released')
+    write_shards(media_dir, tmp_path / 'shards', config=released, shard_bytes=1, progress=False)
+    decoder = BatchDecoder(released)
+    for mode in ('train', 'eval'):
+        expected = [item for item in ShardDataset(tmp_path / 'shards', mode, released, seed=1)]
+        got = decoder(collate_raw(list(ShardDataset(tmp_path / 'shards', mode, released, seed=1, raw=True))))
+        assert got['video_id'] == [item['video_id'] for item in expected]
+        assert torch.equal(got['frames'], torch.stack([item['frames'] for item in expected]))
+        assert (got['audio'] - torch.stack([item['audio'] for item in expected])).abs().max() < AUDIO_TOLERANCE

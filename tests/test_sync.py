@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from cavmae_sync.audio import load_audio
 from cavmae_sync.checkpoint import save_checkpoint
 from cavmae_sync.model import CAVMAESync, tiny
-from cavmae_sync.retrieval import model_preprocess_config
+from cavmae_sync.embeddings import model_preprocess_config
+from cavmae_sync.config import PreprocessConfig
 from cavmae_sync.sync import (TimeCodedModel, av_offset, cached_tiny_model, decode_for_offset, offset_cli, offset_grid,
-                              score_offsets, shift_waveform, time_coded_clip, window_plan, write_shifted_clip, num_fbank_frames)
+                              score_offsets, shift_waveform, time_coded_clip, window_bank, write_shifted_clip, num_fbank_frames,
+                              zero_centres)
 from cavmae_sync.audio import kaldi_fbank
 from cavmae_sync.video import write_video
 
@@ -38,16 +40,35 @@ def test_offset_grid():
     with pytest.raises(ValueError, match='max_offset'): offset_grid(-1.0, 0.04)
 
 
-def test_window_plan_by_hand():
-    plan = window_plan([0.0, 0.6, 1.2], offset_grid(0.2, 0.1), num_spectrogram_frames=200, window=100)
-    starts = lambda t: [int(plan.starts[j]) if j >= 0 else None for j in plan.index[t]]
-    assert plan.centres.tolist() == [0, 60, 120]
-    assert starts(0) == [None] * 5                                 # a window centred on t=0 starts before the audio
-    assert starts(1) == [None, 0, 10, 20, 30]                     # 60 + k - 50, kept when >= 0
-    assert starts(2) == [50, 60, 70, 80, 90]                      # ends at 150 .. 190 <= 200
-    assert plan.starts.tolist() == sorted(set(plan.starts.tolist()))   # each distinct window once
-    plan = window_plan([0.0, 0.6, 1.2], offset_grid(0.2, 0.1), num_spectrogram_frames=185, window=100)
-    assert [int(plan.starts[j]) if j >= 0 else None for j in plan.index[2]] == [50, 60, 70, 80, None]   # past the end: dropped
+def test_window_bank_by_hand():
+    grid = offset_grid(0.2, 0.1)                                   # [-20, -10, 0, 10, 20] fbank frames
+    own = lambda b, t: [int(b.starts[j]) if v else None for j, v in zip(b.lower[t], b.valid[t])]
+    exact = window_bank([0, 60, 120], grid, num_spectrogram_frames=200, window=100)
+    assert own(exact, 0) == [None] * 5                             # a window centred on frame 0 starts before the audio
+    assert own(exact, 1) == [None, 0, 10, 20, 30]                  # 60 + k - 50, kept when >= 0
+    assert own(exact, 2) == [50, 60, 70, 80, 90]                   # ends at 150 .. 190 <= 200
+    assert exact.exact and exact.starts.tolist() == sorted(set(exact.starts.tolist()))   # each distinct window once
+    short = window_bank([0, 60, 120], grid, num_spectrogram_frames=185, window=100)
+    assert own(short, 2) == [50, 60, 70, 80, None]                 # past the end: dropped
+    bank = window_bank([0, 60, 120], grid, 200, 100, spacing=16)   # a grid every 16 frames, read by interpolation
+    assert bank.starts.tolist() == [0, 16, 32, 48, 64, 80, 96] and not bank.exact
+    assert [int(bank.starts[j]) for j in bank.lower[2]] == [48, 48, 64, 80, 80]
+    assert [int(bank.starts[j]) for j in bank.upper[2]] == [64, 64, 80, 80, 96]
+    assert torch.allclose(bank.weight[2], torch.tensor([2, 12, 6, 0, 10], dtype=torch.float64) / 16)
+    linear = bank.read(torch.arange(7.0)[None].repeat(3, 1) * 16)  # a score linear in the start is read back exactly
+    assert torch.allclose(linear[2], torch.tensor([50, 60, 70, 80, 90], dtype=torch.float64))
+    assert (linear[0] == 0).all() and not bank.valid[0].any()
+    assert window_bank([140], torch.arange(-40, 9, 4), 200, 100, spacing=16).starts.tolist() == [48, 64, 80, 96, 100]   # last start kept
+    assert window_bank([150], torch.tensor([0]), 1000, 100, spacing=16).exact   # a grid dearer than the own windows is not used
+    with pytest.raises(ValueError, match='spacing'): window_bank([150], torch.tensor([0]), 1000, 100, spacing=0)
+
+
+def test_zero_centres():
+    config = PreprocessConfig(num_frames=4, window=100, target_length=400)
+    assert zero_centres([0.0, 0.9, 1.9, 2.9], config).tolist() == [0, 100, 200, 300]          # load_clip's t * S / T
+    assert zero_centres([0.0, 0.9, 1.9, 2.9], config, 'frames').tolist() == [0, 90, 190, 290]
+    with pytest.raises(ValueError, match='4 frames'): zero_centres([0.0, 1.0], config)
+    with pytest.raises(ValueError, match='zero'): zero_centres([0.0, 1.0], config, 'audio')
 
 
 def test_score_offsets_by_hand():
@@ -81,8 +102,8 @@ def test_shifted_clip_moves_the_samples(clips):
 
 
 def test_known_offsets_and_sign(clips, oracle):
-    base = av_offset(clips['clip'], oracle)
-    late, early = av_offset(clips['late'], oracle), av_offset(clips['early'], oracle)
+    base = av_offset(clips['clip'], oracle, zero='frames')           # the oracle reads the frames' presentation times
+    late, early = av_offset(clips['late'], oracle, zero='frames'), av_offset(clips['early'], oracle, zero='frames')
     assert abs(base.offset) <= 0.08, base.summary()
     assert late.offset - base.offset == pytest.approx(0.6, abs=0.041), late.summary()    # positive: audio late
     assert early.offset - base.offset == pytest.approx(-0.4, abs=0.041), early.summary()
@@ -108,24 +129,59 @@ def test_refusals(clips, oracle):
     with pytest.raises(Exception, match='missing.mp4'): av_offset(clips['folder'] / 'missing.mp4', oracle)
 
 
-def test_batched_windows_equal_brute_force(clips):
-    torch.manual_seed(0)
-    model = CAVMAESync(tiny(num_frames=4, audio_length=64, image_size=32)).eval()
-    inputs = decode_for_offset(clips['clip'], model_preprocess_config(model), 20)
-    assert inputs.spectrogram.shape[0] == num_fbank_frames(int(inputs.audio_seconds * 16000), 16000)
-    fast = av_offset(inputs, model, max_offset=0.2, step=0.1, min_frames=1, batch_size=3)   # several batches
+def _brute_force_curve(model, inputs, max_offset, step, spacing):
+    "diagonal_mean per offset, every (frame, offset) pair cut and encoded on its own, read between grid windows `spacing` apart."
+    T, L, S = len(inputs.frames), model.config.audio_length, len(inputs.spectrogram)
+    config = model_preprocess_config(model)
     with torch.inference_mode():
         frames = F.normalize(model.encode_video(inputs.frames).embedding, dim=-1)
-        expected = []
-        for k in offset_grid(0.2, 0.1).tolist():
+        cos = lambda t, start: float(F.normalize(model.encode_audio(inputs.spectrogram[start:start + L][None]).embedding, dim=-1)[0] @ frames[t])
+        curve = []
+        for k in offset_grid(max_offset, step).tolist():
             values = []
-            for t in range(4):
-                start = int(round(float(inputs.frame_times[t]) / 0.1)) * 10 + k - 32
-                if 0 <= start and start + 64 <= len(inputs.spectrogram):
-                    audio = F.normalize(model.encode_audio(inputs.spectrogram[start:start + 64][None]).embedding, dim=-1)[0]
-                    values.append(float(audio @ frames[t]))
-            expected.append(np.mean(values))
-    assert torch.allclose(fast.curve, torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+            for t in range(T):
+                start = round(t * config.target_length / T) + k - L // 2
+                if not (0 <= start and start + L <= S): continue
+                low = start if start == S - L else start // spacing * spacing
+                high = low if low == start else min(low + spacing, S - L)
+                w = 0.0 if high == low else (start - low) / (high - low)
+                values.append((1 - w) * cos(t, low) + w * cos(t, high))
+            curve.append(np.mean(values))
+    return torch.tensor(curve, dtype=torch.float64)
+
+
+def test_bank_equals_direct_computation(clips):
+    torch.manual_seed(0)
+    model = CAVMAESync(tiny(num_frames=4, audio_length=64, image_size=32)).eval()
+    inputs = decode_for_offset(clips['clip'], model_preprocess_config(model), 40)
+    assert inputs.spectrogram.shape[0] == num_fbank_frames(int(inputs.audio_seconds * 16000), 16000)
+    exact = av_offset(inputs, model, max_offset=0.2, step=0.1, min_frames=1, batch_size=3, bank_step=0.01)   # several batches
+    assert torch.allclose(exact.curve, _brute_force_curve(model, inputs, 0.2, 0.1, 1), atol=1e-5)
+    fast = av_offset(inputs, model, max_offset=0.4, step=0.04, min_frames=1)          # default bank: 16 frames apart
+    assert torch.allclose(fast.curve, _brute_force_curve(model, inputs, 0.4, 0.04, 16), atol=1e-5)
+    direct = av_offset(inputs, model, max_offset=0.4, step=0.04, min_frames=1, bank_step=0.01)
+    assert not torch.equal(fast.curve, direct.curve)                                   # the bank really interpolates ...
+    assert (fast.curve - direct.curve).abs().max() < 0.05                              # ... close to the direct curve (cosines)
+
+
+def test_bank_on_known_offsets(clips, oracle):
+    "On the time-coded clip the default bank (one window per 0.16 s) and the exact computation find the same offsets."
+    for name, shift in (('clip', 0.0), ('late', 0.6), ('early', -0.4)):
+        bank = av_offset(clips[name], oracle, zero='frames')
+        exact = av_offset(clips[name], oracle, zero='frames', bank_step=0.01)
+        assert abs(bank.offset - exact.offset) <= 0.041 and abs(bank.offset - shift) <= 0.081, (name, bank.summary(), exact.summary())
+        assert (bank.curve - exact.curve).abs().max() < 0.06                             # peak ~0.97: within ~5% of it
+        assert bank.frames_used.tolist() == exact.frames_used.tolist()                   # the same frames count at every offset
+
+
+def test_bank_keeps_refusals(tmp_path, oracle):
+    silent = write_video(tmp_path / 'silent.mp4', np.full((100, 32, 32, 3), 128, np.uint8), fps=10, audio=np.zeros((1, 160_000), np.float32))
+    short = time_coded_clip(tmp_path / 'short.mp4', duration=0.5)
+    for bank_step in (None, 0.01, 0.32):
+        assert 'silent' in av_offset(silent, oracle, bank_step=bank_step).reason
+        assert 'shorter' in av_offset(short, oracle, bank_step=bank_step).reason
+    with pytest.raises(ValueError, match='bank_step'): av_offset(silent, oracle, bank_step=0.015)
+    with pytest.raises(ValueError, match='zero'): av_offset(silent, oracle, zero='audio')
 
 
 def test_fbank_frame_count():

@@ -1,4 +1,4 @@
-"Synthetic testbed: determinism, read-back through cavmae_sync.data, masks and sounding labels against the decoded files."
+"Synthetic testbed: determinism, read-back through cavmae_sync.data, masks, equal activity of sources and decoys, sounding labels and class sounds against the decoded files."
 import json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from cavmae_sync import synthetic
-from cavmae_sync.synthetic import (COMPLETE_FILE, IDLE_BRIGHTNESS, SHADE, SyntheticConfig, SyntheticDataset,
-                                   default_synthetic, load_ground_truth, make_synthetic, source_classes, synthetic_cli)
+from cavmae_sync.synthetic import (COMPLETE_FILE, SHADE, SyntheticConfig, SyntheticDataset, class_waveform, class_window,
+                                   default_synthetic, load_ground_truth, make_synthetic, object_colours, sound_ingredients,
+                                   source_classes, synthetic_cli)
+from cavmae_sync.localization import localization_scores
 from cavmae_sync.audio import clip_spectrogram, load_audio, mel_center_frequencies
 from cavmae_sync.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cavmae_sync.data import DatafileDataset, load_clip, read_datafile, read_label_csv
@@ -109,16 +111,99 @@ def test_test_clips_share_class_sets_but_not_timing(dataset):
 def test_ground_truth_is_consistent(dataset):
     for vid in video_ids(dataset):
         truth = load_ground_truth(dataset.root, vid)
-        K, T, H, W = truth.source_masks.shape
-        assert (T, H, W) == (16, 112, 112) and 2 <= K <= 3 and len(set(truth.classes.tolist())) == K
-        assert truth.source_masks.sum((2, 3)).min() > 80                        # every source visible in every frame
-        assert not (truth.source_masks.sum(0) > 1).any()                        # sources never overlap
+        O, T, H, W = truth.object_masks.shape
+        K = truth.num_sources
+        assert (T, H, W) == (16, 112, 112) and 2 <= K <= 3 and O == 2 * K and len(set(truth.object_classes.tolist())) == O
+        assert truth.object_masks.sum((2, 3)).min() > 80                        # every object visible in every frame
+        assert not (truth.object_masks.sum(0) > 1).any()                        # objects never overlap
+        np.testing.assert_array_equal(truth.classes, truth.object_classes[:K])
+        np.testing.assert_array_equal(truth.source_masks, truth.object_masks[:K])
+        np.testing.assert_array_equal(truth.object_sounds, np.arange(O) < K)
         np.testing.assert_array_equal(truth.sounding, truth.sounding_at(truth.frame_times))
         np.testing.assert_array_equal(truth.sounding_mask.any((1, 2)), truth.sounding >= 0)
+        sounding = truth.sounding_object
+        for t in range(T):
+            assert sounding[t] == (list(truth.classes).index(truth.sounding[t]) if truth.sounding[t] >= 0 else -1)
+            if sounding[t] >= 0: np.testing.assert_array_equal(truth.sounding_mask[t], truth.object_masks[sounding[t], t])
         np.testing.assert_array_equal(truth.frame_indices, np.arange(16) * 5)
         starts, ends = truth.segments[:, 1], truth.segments[:, 2]
         assert (np.diff(starts) > 0).all() and (starts[1:] >= ends[:-1] + 0.2 - 1e-9).all()   # one source at a time
         assert ((ends - starts) <= 3 + 1e-9).all() and set(truth.segments[:, 0].astype(int)) == set(truth.classes.tolist())
+
+
+def test_decoys_pair_the_sources_ingredients_differently_and_sources_sound_equally_long(dataset):
+    "Sources' sounds share no ingredient; the decoys are another pairing of the same ingredients; every source sounds equally long."
+    classes = source_classes(10)
+    for vid in video_ids(dataset):
+        truth = dataset.ground_truth(vid)
+        sources, decoys = truth.classes.tolist(), truth.object_classes[truth.num_sources:].tolist()
+        assert not set(sources) & set(decoys) and truth.labels == sorted(sources)   # labels: the sounding classes only
+        heard = [i for c in sources for i in classes[c].ingredients]
+        paired = [i for c in decoys for i in classes[c].ingredients]
+        assert len(set(heard)) == len(heard) and sorted(heard) == sorted(paired), (vid, sources, decoys)
+        seconds = [sum(end - start for c, start, end in truth.segments if c == source) for source in sources]
+        np.testing.assert_allclose(seconds, seconds[0], atol=1e-9, err_msg=vid)
+
+
+def test_a_silent_object_is_exactly_as_active_whenever_a_source_sounds(dataset):
+    "Activity: a source is active while it sounds, and so is a silent decoy with the same pulse; idle objects are all alike."
+    for vid in video_ids(dataset):
+        truth = dataset.ground_truth(vid)
+        K, active = truth.num_sources, truth.object_active
+        sounding = truth.sounding_object
+        for t in range(16):
+            if sounding[t] < 0:
+                assert not active[:, t].any(), (vid, t)                          # nothing sounds: nothing is active
+                continue
+            assert active[sounding[t], t] and active[:, t].sum() == 2, (vid, t)  # the source and one decoy ...
+            decoy = int(np.flatnonzero(active[:, t] & ~truth.object_sounds)[0])
+            scale = lambda o: truth.object_radii[o, t] / np.median(truth.object_radii[o])   # ... pulsing alike
+            assert scale(decoy) == pytest.approx(scale(sounding[t]), abs=0.005), (vid, t)
+        idle = truth.object_radii[~active] / np.repeat(np.median(truth.object_radii, 1), (~active).sum(1))
+        np.testing.assert_allclose(idle, 1.0, atol=0.03)                       # idle: the steady mean size
+
+
+def _object_stats(frames, truth):
+    "Per object and sampled frame: mean brightness (mean of R, G, B) and colourfulness (mean spread of R, G, B) of its eroded pixels."
+    O, T = truth.object_masks.shape[:2]
+    brightness, colourfulness = np.zeros((O, T)), np.zeros((O, T))
+    for o in range(O):
+        for t in range(T):
+            pixels = frames[t][_erode(truth.object_masks[o, t], 1)]                                     # (P, 3)
+            brightness[o, t] = pixels.mean()
+            colourfulness[o, t] = (pixels.max(-1) - pixels.min(-1)).mean()
+    return brightness, colourfulness
+
+
+def test_activity_shows_in_colour_not_in_brightness_in_the_decoded_frames(dataset):
+    "An active object is more colourful than it is idle, and as bright; a source and its active decoy are both more colourful."
+    for vid in video_ids(dataset):
+        truth = dataset.ground_truth(vid)
+        frames = read_frames(dataset.video_path(vid), 16).frames.numpy().astype(np.float64)           # (T, H, W, 3) decoded
+        brightness, colourfulness = _object_stats(frames, truth)
+        for o in range(len(truth.object_classes)):
+            on, off = truth.object_active[o], ~truth.object_active[o]
+            if not on.any() or not off.any(): continue
+            assert abs(brightness[o, on].mean() - brightness[o, off].mean()) < 4, (vid, o, brightness[o])    # 0..255 units
+            assert colourfulness[o, on].min() > 1.8 * colourfulness[o, off].max(), (vid, o, colourfulness[o])
+
+
+def test_pixel_brightness_does_not_localize_the_sounding_object(dataset):
+    "The audio-free brightness control (map = mean of R, G, B of the decoded frame) scores near a map of ones, far below a map of the active objects."
+    maps, masks, classes, active_maps, ones = [], [], [], [], []
+    for vid in video_ids(dataset):
+        truth = dataset.ground_truth(vid)
+        frames = read_frames(dataset.video_path(vid), 16).frames.numpy().astype(np.float32)
+        for t, o in enumerate(truth.sounding_object):
+            if o < 0: continue
+            maps.append(torch.tensor(frames[t].mean(-1))); masks.append(torch.tensor(truth.object_masks[o, t]))
+            classes.append(int(truth.sounding[t])); ones.append(torch.ones(112, 112))
+            active_maps.append(torch.tensor((truth.object_masks[:, t] & truth.object_active[:, t, None, None]).any(0)).float())
+    brightness = localization_scores(maps, masks, classes).mAP
+    ones_map = localization_scores(ones, masks, classes).mAP
+    oracle = localization_scores(active_maps, masks, classes).mAP
+    assert 35 < oracle < 65, oracle                                             # two equally active objects: about half
+    assert brightness < ones_map + 6 and brightness < oracle / 4, (brightness, ones_map, oracle)
 
 
 def _erode(mask, steps):
@@ -137,7 +222,7 @@ def _distance_to_segment(pixels, a, b):
     return np.linalg.norm(pixels - (a + along * (b - a)), axis=-1)
 
 
-def test_masks_cover_the_drawn_sources_in_the_decoded_frames(dataset):
+def test_masks_cover_the_drawn_objects_in_the_decoded_frames(dataset):
     classes = source_classes(10)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     for vid in video_ids(dataset):
@@ -145,16 +230,25 @@ def test_masks_cover_the_drawn_sources_in_the_decoded_frames(dataset):
         clip = load_clip(dataset.video_path(vid), num_frames=16, window=256, image_size=112)   # the written size
         frames = ((clip.frames * std + mean) * 255).permute(0, 2, 3, 1).numpy()               # (T, H, W, 3) 0..255
         for t in range(16):
-            for k, cls in enumerate(truth.classes):
-                brightness = 1.0 if truth.sounding[t] == cls else IDLE_BRIGHTNESS
-                lit = np.array(classes[cls].colour) * brightness
+            for o, cls in enumerate(truth.object_classes):
+                lit = object_colours(classes[cls])[0 if truth.object_active[o, t] else 1] * 255
                 distance = _distance_to_segment(frames[t], lit * SHADE, lit)                   # (H, W) to the texture's colours
-                inner = _erode(truth.source_masks[k, t], 1)
+                inner = _erode(truth.object_masks[o, t], 1)
                 assert (distance[inner] < 50).mean() > 0.85, (vid, t, classes[cls].display_name)
-                if brightness == 1.0:                                        # just outside the sounding source: not its colours
-                    ring = _dilate(truth.source_masks[k, t], 4) & ~_dilate(truth.source_masks[k, t], 1)
+                if truth.object_active[o, t]:                                 # just outside an active object: not its colours
+                    ring = _dilate(truth.object_masks[o, t], 4) & ~_dilate(truth.object_masks[o, t], 1)
                     assert (distance[ring] < 50).mean() < 0.2, (vid, t, classes[cls].display_name)
-                    assert frames[t][inner].max(-1).mean() > 1.3 * frames[t][_dilate(truth.sounding_mask[t], 6) & ~truth.sounding_mask[t]].max(-1).mean()
+
+
+def _band_energy(fbank, centres_hz):
+    "(..., B) mean fbank value in each ingredient band."
+    return np.stack([fbank[..., (centres_hz >= low) & (centres_hz <= high)].mean(-1) for low, high in
+                     (part.band_hz for part in sound_ingredients(10))], -1)
+
+
+def _class_excess(band_excess, classes):
+    "(..., C) how much each class sounds: the smaller of its two bands' excess over their noise floors."
+    return np.stack([np.minimum(*(band_excess[..., i] for i in c.ingredients)) for c in classes], -1)
 
 
 def test_sounding_labels_agree_with_the_audio(dataset):
@@ -162,26 +256,54 @@ def test_sounding_labels_agree_with_the_audio(dataset):
     checked_sound = checked_silence = 0
     for vid in video_ids(dataset):
         truth, path = dataset.ground_truth(vid), dataset.video_path(vid)
-        bands = [(centres_hz >= classes[c].band_hz[0]) & (centres_hz <= classes[c].band_hz[1]) for c in truth.classes]
-        energy = lambda fbank: np.stack([fbank[..., band].mean(-1) for band in bands], -1)    # (..., K) per class band
+        candidates = [classes[c] for c in truth.object_classes]                                # sources and decoys
         spectrogram = clip_spectrogram(load_audio(path)).numpy()                               # (1024, 128), normalized
         times = np.arange(len(spectrogram)) * 0.01 + 0.0125                                    # centre of each fbank frame
         real = times < truth.duration - 0.0125                                                 # not the zero padding
-        floor = np.median(energy(spectrogram)[real & (truth.sounding_at(times) < 0)], 0)      # (K,) noise floor per band
+        bands = _band_energy(spectrogram, centres_hz)                                           # (1024, B)
+        floor = np.median(bands[real & (truth.sounding_at(times) < 0)], 0)                     # (B,) noise floor per band
         clip = load_clip(path, num_frames=16, window=24)                                        # short windows: 0.24 s
         for t in range(16):
             start, end = clip.window_bounds[t].tolist()
             labels = truth.sounding_at(times[start:end])
             if (labels != labels[0]).any() or not real[start:end].all(): continue              # straddles a boundary
-            excess = energy(clip.audio[t].numpy()).mean(0) - floor                             # (K,)
+            excess = _class_excess(_band_energy(clip.audio[t].numpy(), centres_hz).mean(0) - floor, candidates)   # (O,)
             if labels[0] >= 0:
-                k = list(truth.classes).index(labels[0])
-                assert excess.argmax() == k and excess[k] - np.delete(excess, k).max() > 0.3, (vid, t, excess)
+                o = list(truth.object_classes).index(labels[0])
+                assert excess.argmax() == o and excess[o] - np.delete(excess, o).max() > 0.3, (vid, t, excess)   # never the decoy
                 checked_sound += 1
             else:
                 assert excess.max() < 0.3, (vid, t, excess)
                 checked_silence += 1
     assert checked_sound >= 8 * len(video_ids(dataset)) and checked_silence >= 5, (checked_sound, checked_silence)
+
+
+def test_class_sound_helpers_render_what_the_clips_contain(dataset):
+    "class_waveform / class_window: deterministic, the class's two bands lit, matching the decoded clip's sound of that class."
+    classes, centres_hz = source_classes(10), mel_center_frequencies().numpy()
+    wave = class_waveform(6)
+    assert wave.shape == (160_000,) and wave.dtype == np.float32 and np.abs(wave).max() <= 1
+    np.testing.assert_array_equal(class_waveform(6), wave)
+    assert not np.allclose(class_waveform(6, seed=1), wave)
+    assert class_waveform(6, seconds=2.5).shape == (40_000,)
+    window = class_window(6, window=256).numpy()                                             # (256, 128) model input
+    assert window.shape == (256, 128)
+    np.testing.assert_allclose(window, clip_spectrogram(torch.from_numpy(wave), target_length=1000).numpy()[372:628], atol=1e-5)   # the middle
+    noise = clip_spectrogram(torch.from_numpy(class_waveform(6, gain=0.0)), target_length=1000).numpy()
+    floor = _band_energy(noise, centres_hz).mean(0)                                          # (B,) the noise alone
+    excess = _class_excess(_band_energy(window, centres_hz).mean(0) - floor, classes)        # (C,)
+    assert excess.argmax() == 6 and excess[6] - np.delete(excess, 6).max() > 0.3, excess
+    # the same class inside a decoded clip: its bands stand out as much as in the helper's sound
+    truth = dataset.ground_truth('test_00000')
+    c = int(truth.segments[0, 0]); start, end = truth.segments[0, 1:]
+    spectrogram = clip_spectrogram(load_audio(dataset.video_path('test_00000'))).numpy()
+    silent = spectrogram[:int(truth.segments[0, 1] * 100)][:-3] if truth.segments[0, 1] > 0.2 else spectrogram[990:1000]
+    inside = spectrogram[int(start * 100) + 5:int(end * 100) - 5]
+    in_clip = _class_excess(_band_energy(inside, centres_hz).mean(0) - _band_energy(silent, centres_hz).mean(0), classes)
+    helper = _class_excess(_band_energy(class_window(c, window=len(inside)).numpy(), centres_hz).mean(0) - floor, classes)
+    assert in_clip.argmax() == helper.argmax() == c and abs(in_clip[c] - helper[c]) < 1.0, (in_clip, helper)
+    with pytest.raises(ValueError, match='class_index'): class_waveform(10)
+    with pytest.raises(ValueError, match='window'): class_window(0, window=5000)
 
 
 # ---------------------------------------------------------------------------------------------- caching, errors, CLI
@@ -259,6 +381,9 @@ def test_bad_input_is_refused_with_a_reason(dataset, tmp_path):
     with pytest.raises(ValueError, match='num_classes'): source_classes(1)
     with pytest.raises(ValueError, match='num_classes'): SyntheticConfig(num_classes=13)
     with pytest.raises(ValueError, match='image_size'): SyntheticConfig(image_size=111)
+    with pytest.raises(ValueError, match='decoys_per_source'): SyntheticConfig(decoys_per_source=3)
+    with pytest.raises(ValueError, match='at least 4 classes'): SyntheticConfig(num_classes=3)          # 2 sources + 2 decoys
+    with pytest.raises(ValueError, match='without a shared ingredient'): SyntheticConfig(max_sources=3)   # 3 disjoint pairs: 6 ingredients
     with pytest.raises(ValueError, match='at least one clip'): make_synthetic(tmp_path / 'empty', 0, 0)
     with pytest.raises(ValueError, match='num_train'): make_synthetic(tmp_path / 'negative', -1, 2)
     with pytest.raises(FileExistsError, match='already exists'): make_synthetic(dataset.root, 1, 1)

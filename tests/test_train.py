@@ -1,12 +1,12 @@
 "Training: exact resume after a kill (streaming data, DataLoader workers), the NaN guard, config handling and fine-tuning (torchrun: test_distributed.py)."
-import os, subprocess
+import dataclasses, os, subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from cavmae_sync import train
+from cavmae_sync import clip_cache, finetuning, pretraining, testbed, train, train_config
 from cavmae_sync.checkpoint import load_checkpoint
 from cavmae_sync.model import CAVMAESync
 from training_setup import MINI_MODEL, cli
@@ -59,8 +59,8 @@ def test_killed_streaming_run_resumes_bit_for_bit(clips, tmp_path):
     assert not list(killed.rglob('*.partial'))
 
 
-def mini_config(clips: Path, out: Path, cls=train.PretrainConfig, **overrides):
-    return train.config_from_args(cls, pretrain_args(clips, out) + [f'--set={k}={v}' for k, v in overrides.items()])
+def mini_config(clips: Path, out: Path, cls=train_config.PretrainConfig, **overrides):
+    return train_config.config_from_args(cls, pretrain_args(clips, out) + [f'--set={k}={v}' for k, v in overrides.items()])
 
 
 def test_nan_loss_stops_the_run(clips, tmp_path, monkeypatch):
@@ -73,7 +73,7 @@ def test_nan_loss_stops_the_run(clips, tmp_path, monkeypatch):
     monkeypatch.setattr(CAVMAESync, 'forward', forward_with_nan)
     config = mini_config(clips, tmp_path / 'nan', epochs=3, checkpoint_every=2, eval_data='')
     with pytest.raises(train.NonFiniteLossError, match=r'non-finite loss at step 5: loss=nan') as caught:
-        train.pretrain(config)
+        pretraining.pretrain(config)
     assert caught.value.step == 5 and 'mae_loss_audio' in caught.value.losses
     state = load_checkpoint(tmp_path / 'nan' / 'last.pt')
     assert state.training_state['step'] == 4                                    # the last good checkpoint
@@ -96,9 +96,9 @@ def test_cli_reports_nan_and_refuses_to_overwrite(clips, tmp_path):
 
 def test_cached_items_equal_decoded_items(clips):
     config = mini_config(clips, Path('unused'))
-    plain = train.clip_dataset(train.dataclasses.replace(config, cache='none'), config.train_data, 'train')
-    cached = train.clip_dataset(train.dataclasses.replace(config, cache='memory'), config.train_data, 'train')
-    assert isinstance(cached, train.DecodedClips) and not isinstance(plain, train.DecodedClips)
+    plain = train.clip_dataset(dataclasses.replace(config, cache='none'), config.train_data, 'train')
+    cached = train.clip_dataset(dataclasses.replace(config, cache='memory'), config.train_data, 'train')
+    assert isinstance(cached, clip_cache.DecodedClips) and not isinstance(plain, clip_cache.DecodedClips)
     for index in range(3):
         with train.seeded_global_rngs(index): a = plain[index]
         with train.seeded_global_rngs(index): b = cached[index]
@@ -107,16 +107,71 @@ def test_cached_items_equal_decoded_items(clips):
 
 
 def test_finetune_and_linear_probe(clips, tmp_path):
-    pretrained = train.pretrain(mini_config(clips, tmp_path / 'pre', max_steps=4, eval_data=''))
+    pretrained = pretraining.pretrain(mini_config(clips, tmp_path / 'pre', max_steps=4, eval_data=''))
     common = pretrain_args(clips, tmp_path / 'ft', '--pretrained', str(pretrained.checkpoint_path), '--epochs', '2',
                            '--head_lr_multiplier', '10', '--freqm', '8', '--timem', '8', '--mixup', '0.5', '--label_smoothing', '0.1',
                            '--balanced_sampling', '--average_from_epoch', '1')
-    result = train.finetune(train.config_from_args(train.FinetuneConfig, common))
+    result = finetuning.finetune(train_config.config_from_args(train_config.FinetuneConfig, common))
     assert result.metric_name == 'mAP' and 0 <= result.metric <= 100           # the synthetic set is multi-label
     model = load_checkpoint(result.checkpoint_path).build_model()
     assert model.num_classes == 10
     evaluations = pd.read_csv(tmp_path / 'ft' / 'eval_log.csv')
     assert evaluations['averaged_epochs'].dropna().iloc[-1] == 2
     probe_args = [a if a != str(tmp_path / 'ft') else str(tmp_path / 'probe') for a in common] + ['--method', 'linear_probe', '--probe_epochs', '5']
-    probe = train.finetune(train.config_from_args(train.FinetuneConfig, probe_args))
+    probe = finetuning.finetune(train_config.config_from_args(train_config.FinetuneConfig, probe_args))
     assert probe.metric_name == 'mAP' and len(probe.history) == 5
+
+
+def mini_model():
+    "The few-thousand-parameter model of training_setup.MINI_MODEL, as a ModelConfig."
+    return train_config.config_from_args(train_config.PretrainConfig, MINI_MODEL).model
+
+
+def tiny_run(clips: Path, data: Path, monkeypatch, **kwargs) -> Path:
+    "`testbed.pretrained_tiny` of the mini model for a handful of steps on the CPU, caching under `data`; its run folder."
+    return testbed.pretrained_tiny('sync', clips, **{**tiny_kwargs(data, monkeypatch), **kwargs}).parent
+
+
+def test_pretrained_tiny_same_seed_same_losses(clips, tmp_path, monkeypatch):
+    "Everything is seeded from `seed`: two runs of the same arguments log the same losses step for step; another seed, other losses."
+    first = tiny_run(clips, tmp_path / 'a', monkeypatch, seed=0)
+    again = tiny_run(clips, tmp_path / 'b', monkeypatch, seed=0)              # another cache folder: trained again, not read back
+    other = tiny_run(clips, tmp_path / 'a', monkeypatch, seed=1)
+    assert first.name == again.name and first.name != other.name              # the key holds the seed
+    assert first != again and (first / 'model.pt').is_file() and (again / 'model.pt').is_file()
+    losses = {name: step_losses(run) for name, run in (('first', first), ('again', again), ('other', other))}
+    assert list(losses['first'].index) == list(range(1, 7))
+    assert losses['first'].tolist() == losses['again'].tolist()                # identical, not close
+    assert losses['first'].tolist() != losses['other'].tolist()
+    saved = load_checkpoint(first / 'model.pt').state_dict, load_checkpoint(again / 'model.pt').state_dict
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    config = train_config.load_config(first / 'config.json')
+    assert (config.max_steps, config.batch_size, config.seed, config.eval_every) == (6, 4, 0, 6)
+    # a cached model is returned without training: same path, same file
+    stamp = (first / 'model.pt').stat().st_mtime_ns
+    assert tiny_run(clips, tmp_path / 'a', monkeypatch, seed=0) == first and (first / 'model.pt').stat().st_mtime_ns == stamp
+
+
+def test_pretrained_tiny_time_guard_stops_and_a_later_call_finishes(clips, tmp_path, monkeypatch):
+    "`max_minutes` only guards: past it the run stops with a warning naming the step; the next call resumes to the same losses."
+    with pytest.warns(UserWarning, match=r'stopped by max_minutes=1e-09 at step 1 of 6'):
+        stopped = testbed.pretrained_tiny('sync', clips, **tiny_kwargs(tmp_path / 'guarded', monkeypatch), max_minutes=1e-9)
+    assert stopped.name == 'last.pt' and not (stopped.parent / 'model.pt').exists()
+    finished = testbed.pretrained_tiny('sync', clips, **tiny_kwargs(tmp_path / 'guarded', monkeypatch))   # the guard is not in the key
+    assert finished == stopped.parent / 'model.pt' and finished.is_file()
+    reference = tiny_run(clips, tmp_path / 'reference', monkeypatch)
+    assert step_losses(finished.parent).tolist() == step_losses(reference).tolist()
+
+
+def tiny_kwargs(data: Path, monkeypatch) -> dict:
+    monkeypatch.setenv('CAVMAE_SYNC_DATA', str(data))
+    return dict(steps=6, batch_size=4, evaluations=1, progress=False, model=mini_model(), device='cpu', tensorboard=False, eval_clips=4,
+                log_every=1)
+
+
+def test_pretrained_tiny_refuses_a_time_budget_and_bad_sizes(clips):
+    "The budget is steps and batch size: `minutes=` (the old time budget) and impossible sizes are refused before anything runs."
+    with pytest.raises(ValueError, match='steps= and batch_size='): testbed.pretrained_tiny('sync', clips, minutes=8)
+    with pytest.raises(ValueError, match='evaluations=7 is more than steps=6'): testbed.pretrained_tiny('sync', clips, steps=6, evaluations=7)
+    with pytest.raises(ValueError, match='batch_size must be a positive int'): testbed.pretrained_tiny('sync', clips, batch_size=0)
+    with pytest.raises(ValueError, match='sets max_steps itself'): testbed.pretrained_tiny('sync', clips, max_steps=5)

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cavmae_sync import train
+from cavmae_sync import clip_cache, finetuning, pretraining, train, train_config
 from cavmae_sync.checkpoint import load_checkpoint
-from cavmae_sync.classification import LinearProbe, mean_average_precision
+from cavmae_sync.classification import LinearProbe
+from cavmae_sync.metrics import mean_average_precision
 from training_setup import MINI_MODEL
 
 
@@ -23,13 +24,13 @@ def _one_thread():
 
 
 def config(cls, clips: Path, out: Path, *extra):
-    return train.config_from_args(cls, [*MINI_MODEL, '--train_data', str(clips / 'train.json'), '--output_dir', str(out),
+    return train_config.config_from_args(cls, [*MINI_MODEL, '--train_data', str(clips / 'train.json'), '--output_dir', str(out),
                                         '--log_every', '1', '--progress', 'false', '--tensorboard', 'false', '--seed', '3', *extra])
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    "Wraps `train.fit`: records the model, its weights before training and after each epoch (what `on_epoch_end` sees)."
+    "Wraps `train.fit` where pretraining and fine-tuning call it: records the model, its weights before training and after each epoch (what `on_epoch_end` sees)."
     record, fit = {'epochs': []}, train.fit
     def fit_recording(config, task, ctx=None, desc='train'):
         record['model'], record['initial'] = task.model, {k: v.detach().clone() for k, v in task.model.state_dict().items()}
@@ -38,7 +39,7 @@ def recorded(monkeypatch):
             record['epochs'].append({k: v.detach().clone() for k, v in model.state_dict().items()})
             if inner: inner(epoch, model)
         return fit(config, dataclasses.replace(task, on_epoch_end=on_epoch_end), ctx, desc)
-    monkeypatch.setattr(train, 'fit', fit_recording)
+    for runner in (pretraining, finetuning): monkeypatch.setattr(runner, 'fit', fit_recording)
     return record
 
 
@@ -48,7 +49,7 @@ def trainable_unchanged(model, before: dict) -> list[str]:
 
 def test_pretraining_reconstructs_better_than_predicting_zero(clips, tmp_path, recorded):
     "40 steps on 16 synthetic clips: the masked-patch MSE (per-patch normalized targets) falls clearly below the ~1 of a zero prediction."
-    result = train.pretrain(config(train.PretrainConfig, clips, tmp_path / 'run', '--batch_size', '8', '--lr', '3e-3', '--lr_reference_batch', '8',
+    result = pretraining.pretrain(config(train_config.PretrainConfig, clips, tmp_path / 'run', '--batch_size', '8', '--lr', '3e-3', '--lr_reference_batch', '8',
                                    '--max_steps', '40', '--warmup_fraction', '0', '--weight_decay', '0', '--model.contrastive_weight', '1.0'))
     history = result.history.set_index('step')
     assert list(history.index) == list(range(1, 41))
@@ -75,11 +76,11 @@ def test_pretraining_memorises_audio_visual_pairs(clips, tmp_path, recorded, mon
     """60 steps on one fixed batch of 8 distinct pairs: the InfoNCE loss falls far below chance (log 8) and the pairs are
     matched. (The synthetic clips look alike at this size: within a few dozen steps their contrastive loss stays at log B.)"""
     pairs = FixedPairs(8, 64, 32)
-    monkeypatch.setattr(train, 'clip_dataset', lambda *args, **kwargs: pairs)
-    run = config(train.PretrainConfig, clips, tmp_path / 'run', '--batch_size', '8', '--lr', '3e-3', '--lr_reference_batch', '8',
+    monkeypatch.setattr(pretraining, 'clip_dataset', lambda *args, **kwargs: pairs)
+    run = config(train_config.PretrainConfig, clips, tmp_path / 'run', '--batch_size', '8', '--lr', '3e-3', '--lr_reference_batch', '8',
                  '--max_steps', '60', '--warmup_fraction', '0', '--weight_decay', '0', '--model.contrastive_weight', '1.0',
                  '--model.mask_ratio_audio', '0.5', '--model.mask_ratio_video', '0.5')   # 32 px frames have 4 patches: keep 2 visible
-    history = train.pretrain(run).history.set_index('step')
+    history = pretraining.pretrain(run).history.set_index('step')
     chance = math.log(8)
     assert history['contrastive_loss'].iloc[:3].mean() > 0.9 * chance                 # it starts at chance or above ...
     assert history['contrastive_loss'].iloc[-5:].mean() < 0.4 * chance               # ... and ends far below it
@@ -101,9 +102,9 @@ def clip_mAP(model, dataset) -> float:
 
 def test_finetuning_beats_the_untrained_classifier(clips, tmp_path, recorded):
     "48 steps of fine-tuning on 16 clips: their mAP (evaluated on the same clips) rises well above the untrained classifier's."
-    run = config(train.FinetuneConfig, clips, tmp_path / 'ft', '--eval_data', str(clips / 'train.json'), '--epochs', '12', '--batch_size', '4',
+    run = config(train_config.FinetuneConfig, clips, tmp_path / 'ft', '--eval_data', str(clips / 'train.json'), '--epochs', '12', '--batch_size', '4',
                  '--lr', '1e-3', '--lr_reference_batch', '4', '--schedule', 'cosine', '--augment_frames', 'false')
-    result = train.finetune(run)
+    result = finetuning.finetune(run)
     untrained = recorded['model']
     untrained.load_state_dict(recorded['initial'])
     before = clip_mAP(untrained, train.clip_dataset(run, run.eval_data, 'eval'))
@@ -117,11 +118,11 @@ def test_finetuning_beats_the_untrained_classifier(clips, tmp_path, recorded):
 
 def test_linear_probe_beats_the_untrained_probe(clips, tmp_path):
     "The probe's saved layer reproduces its metric on the saved features, and beats an untrained layer of the same shape by far."
-    run = config(train.FinetuneConfig, clips, tmp_path / 'probe', '--eval_data', str(clips / 'train.json'), '--method', 'linear_probe',
+    run = config(train_config.FinetuneConfig, clips, tmp_path / 'probe', '--eval_data', str(clips / 'train.json'), '--method', 'linear_probe',
                  '--probe_epochs', '100', '--probe_lr', '1e-2', '--batch_size', '4', '--lr_reference_batch', '4')
-    result = train.finetune(run)
+    result = finetuning.finetune(run)
     saved = torch.load(result.checkpoint_path)
-    targets = train.dataset_targets(train.clip_dataset(run, run.eval_data, 'eval')) > 0.5
+    targets = clip_cache.dataset_targets(train.clip_dataset(run, run.eval_data, 'eval')) > 0.5
     features = saved['eval_features']                                             # (N, D)
     probe = LinearProbe(torch.zeros(features.shape[1]), torch.ones(features.shape[1]), targets.shape[1])
     probe.load_state_dict(saved['probe'])
@@ -136,9 +137,9 @@ def test_linear_probe_beats_the_untrained_probe(clips, tmp_path):
 
 def test_weight_averaging_is_the_mean_of_the_epochs_weights(clips, tmp_path, recorded):
     "average_from_epoch=2 of 3 epochs: model.pt holds the mean of the weights after epochs 2 and 3, not the last epoch's."
-    run = config(train.FinetuneConfig, clips, tmp_path / 'avg', '--eval_data', str(clips / 'test.json'), '--epochs', '3', '--batch_size', '4',
+    run = config(train_config.FinetuneConfig, clips, tmp_path / 'avg', '--eval_data', str(clips / 'test.json'), '--epochs', '3', '--batch_size', '4',
                  '--lr', '1e-3', '--lr_reference_batch', '4', '--schedule', 'cosine', '--average_from_epoch', '2')
-    result = train.finetune(run)
+    result = finetuning.finetune(run)
     assert len(recorded['epochs']) == 3
     averaged = load_checkpoint(result.checkpoint_path)
     assert averaged.training_state['averaged_epochs'] == 2 and averaged.training_state['metric'] == result.metric
@@ -159,7 +160,7 @@ def test_mixup_mixes_inputs_and_targets_with_the_same_weights_and_partners():
     B = 64
     torch.manual_seed(0)
     audio, frames, targets = torch.randn(B, 2, 16, 8), torch.randn(B, 2, 3, 4, 4), torch.eye(B)
-    mixed_audio, mixed_frames, mixed_targets = train.mixup(audio, frames, targets, probability=1.0, alpha=10.0)
+    mixed_audio, mixed_frames, mixed_targets = finetuning.mixup(audio, frames, targets, probability=1.0, alpha=10.0)
     weight = mixed_targets.diagonal()                                            # (B,) w_i (1 where the partner is i itself)
     partner = torch.where(weight < 1, (mixed_targets - torch.diag(weight)).argmax(1), torch.arange(B))
     assert torch.allclose(mixed_targets.sum(1), torch.ones(B))                  # a soft label sums to 1
@@ -171,10 +172,10 @@ def test_mixup_mixes_inputs_and_targets_with_the_same_weights_and_partners():
     mixed_weights = weight[partner != torch.arange(B)]
     assert 0.35 < mixed_weights.mean() < 0.65 and mixed_weights.std() < 0.2     # Beta(10, 10): mean 0.5, std 0.11
     # probability: 0 leaves the batch as it is; 0.5 mixes about half of a large batch
-    same = train.mixup(audio, frames, targets, probability=0.0, alpha=10.0)
+    same = finetuning.mixup(audio, frames, targets, probability=0.0, alpha=10.0)
     assert same[0] is audio and same[2] is targets
     torch.manual_seed(1)
-    half = train.mixup(torch.zeros(2000, 1), torch.zeros(2000, 1), torch.eye(2000), probability=0.5, alpha=10.0)[2]
+    half = finetuning.mixup(torch.zeros(2000, 1), torch.zeros(2000, 1), torch.eye(2000), probability=0.5, alpha=10.0)[2]
     assert 0.4 < (half.diagonal() < 1).float().mean() < 0.6
 
 
@@ -183,7 +184,7 @@ def test_spec_augment_masks_whole_stripes_of_the_stated_widths():
     L, F, freqm, timem = 64, 32, 8, 12
     torch.manual_seed(0)
     audio = torch.rand(50, 4, L, F) + 1.0                                        # (B, T, L, F), nowhere 0
-    out = train.spec_augment(audio, freqm, timem)
+    out = finetuning.spec_augment(audio, freqm, timem)
     assert out.shape == audio.shape
     zero = (out == 0).reshape(-1, L, F)                                          # (N, L, F)
     kept = ~zero
@@ -198,6 +199,6 @@ def test_spec_augment_masks_whole_stripes_of_the_stated_widths():
             assert len(where) < limit
             widths.append(len(where))
     assert set(freq_widths) == set(range(freqm)) and set(time_widths) == set(range(timem))   # every width up to the limit occurs
-    assert torch.equal(train.spec_augment(audio, 0, 0), audio)
-    only_time = train.spec_augment(audio, 0, timem).reshape(-1, L, F) == 0
+    assert torch.equal(finetuning.spec_augment(audio, 0, 0), audio)
+    only_time = finetuning.spec_augment(audio, 0, timem).reshape(-1, L, F) == 0
     assert not only_time.all(1).any()                                            # no frequency band without freqm

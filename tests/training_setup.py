@@ -11,5 +11,5 @@ def cli(command: str) -> list[str]:
     "The installed console script, or the same entry point through the interpreter."
     exe = shutil.which(command)
     if exe: return [exe]
-    function = {'cavmae-sync-pretrain': 'pretrain_cli', 'cavmae-sync-finetune': 'finetune_cli'}[command]
-    return [sys.executable, '-c', f'import sys; from cavmae_sync.train import {function}; {function}(sys.argv[1:])']
+    module, function = {'cavmae-sync-pretrain': ('pretraining', 'pretrain_cli'), 'cavmae-sync-finetune': ('finetuning', 'finetune_cli')}[command]
+    return [sys.executable, '-c', f'import sys; from cavmae_sync.{module} import {function}; {function}(sys.argv[1:])']
