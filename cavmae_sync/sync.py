@@ -166,6 +166,7 @@ class OffsetResult:
     frame_offsets: torch.Tensor   # (T,) float64 each frame's own best offset (NaN: its window never fits)
     frame_times: torch.Tensor     # (T,) float64 seconds
     reason: str | None = None     # why there is no estimate
+    zero: str = 'model'           # what offset 0 means: 'model' (the model's own frame-window pairing) or 'frames' (presentation times)
 
     @property
     def ok(self) -> bool: return self.offset is not None
@@ -179,7 +180,7 @@ class OffsetResult:
     def to_dict(self, curve: bool = True) -> dict:
         "JSON-ready: offset, confidence, reason, and (with `curve`) the curve and the frames' best offsets (NaN as null)."
         listed = lambda x: [None if not math.isfinite(v) else round(float(v), 6) for v in x.tolist()]
-        out = {'path': self.path, 'offset': self.offset, 'confidence': self.confidence, 'reason': self.reason}
+        out = {'path': self.path, 'offset': self.offset, 'confidence': self.confidence, 'reason': self.reason, 'zero': self.zero}
         if curve: out.update(offsets=listed(self.offsets), curve=listed(self.curve), frames_used=self.frames_used.tolist(),
                              frame_offsets=listed(self.frame_offsets))
         return out
@@ -257,7 +258,7 @@ def av_offset(video,                        # a video file with an audio stream,
     min_frames = max(2, T // 4) if min_frames is None else min_frames
     empty = lambda reason: OffsetResult(path, None, None, offsets_s, torch.full((K,), torch.nan, dtype=torch.float64),
                                         torch.zeros(K, dtype=torch.long), torch.full((T,), torch.nan, dtype=torch.float64),
-                                        inputs.frame_times, reason)
+                                        inputs.frame_times, reason, zero)
     if inputs.spectrogram.shape[0] < L:
         return empty(f'the audio lasts {inputs.audio_seconds:.2f} s, shorter than the model\'s window of {L * FBANK_SHIFT_SECONDS:.2f} s')
     if inputs.rms < SILENCE_RMS:
@@ -276,7 +277,9 @@ def av_offset(video,                        # a video file with an audio stream,
         windows = encode_windows(model, inputs.spectrogram, bank.starts, L, device, batch_size, precision)   # (J, D)
     finally: model.train(was_training)
     cosines = bank.read(frames @ windows.T)                                                # (T, J) -> (T, K)
-    return score_offsets(cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times)
+    result = score_offsets(cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times)
+    result.zero = zero
+    return result
 
 # %% ../nbs/13_sync.ipynb #8b796190
 def shift_waveform(waveform: torch.Tensor,   # (N,) samples

@@ -108,6 +108,7 @@ def test_known_offsets_and_sign(clips, oracle):
     assert late.offset - base.offset == pytest.approx(0.6, abs=0.041), late.summary()    # positive: audio late
     assert early.offset - base.offset == pytest.approx(-0.4, abs=0.041), early.summary()
     assert late.confidence > 0.2 and 'audio late' in late.summary() and 'audio early' in early.summary()
+    assert late.zero == 'frames' and late.to_dict(curve=False)['zero'] == 'frames'
     assert len(late.curve) == 101 and late.curve.shape == late.offsets.shape
     answered = late.frame_offsets[~torch.isnan(late.frame_offsets)]
     assert len(answered) >= 12 and (answered - late.offset).abs().median() <= 0.08       # the frames agree
@@ -208,7 +209,7 @@ def test_cli(clips, tmp_path):
     assert lines[0].startswith(files[0] + '\t') and 'confidence' in lines[0] and 'missing.mp4' in lines[2] and 'error' in lines[2]
     code, out, _ = _cli(files[:2] + ['--checkpoint', str(checkpoint), '--json', '--max-offset', '0.4', '--step', '0.1'])
     rows = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and [r['path'] for r in rows] == files[:2] and len(rows[0]['curve']) == 9
+    assert code == 0 and [r['path'] for r in rows] == files[:2] and len(rows[0]['curve']) == 9 and rows[0]['zero'] == 'model'
     code, _, err = _cli(files[:1] + ['--checkpoint', str(checkpoint), '--step', '0.015'])
     assert code == 2 and 'multiple of the fbank hop' in err
 
