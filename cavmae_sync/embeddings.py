@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from .config import PreprocessConfig, file_identity
@@ -106,7 +107,11 @@ def clip_sources(dataset) -> list | None:
     return list(sources) if isinstance(sources, (list, tuple)) else None
 
 def media_fingerprint(dataset) -> str | None:
-    "A hash of the path, size and modification time (ns) of every media file behind a data set's clips; None when it names none."
+    """A hash of the path, size and modification time (ns) of every media file behind a data set's clips, or of every shard a
+    stream reads (its `shards`, e.g. a `shards.ShardDataset`'s, in the index's order); None when it names none."""
+    shards = getattr(dataset, 'shards', None)
+    if isinstance(dataset, IterableDataset) and isinstance(shards, (list, tuple)):   # a rewritten or added shard changes it
+        return hashlib.sha256(''.join(file_identity(shard) + '\n' for shard in shards).encode()).hexdigest()
     sources = clip_sources(dataset)
     if sources is None: return None
     digest, frame_folders = hashlib.sha256(), {}
@@ -159,9 +164,36 @@ def _collate_clips(batch):
         if 'video_id' in loaded[0][1]: out['video_id'] = [str(item['video_id']) for _, item in loaded]
     return out
 
-def clip_loader(dataset, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False, start: int = 0) -> DataLoader:
+def _collate_stream(batch):
+    "`_collate_clips` of a stream's items, numbered 0 .. B-1 in the batch (the reader adds the clips read before)."
+    return _collate_clips(list(enumerate(batch)))
+
+class _Stream:
+    "The batches of an iterable data set, its items numbered in the order they arrive (the stream's positions)."
+    def __init__(self, loader: DataLoader): self.loader = loader
+    def __iter__(self):
+        read = 0
+        for batch in self.loader:
+            size = len(batch['positions']) + len(batch['skipped'])
+            batch['positions'], batch['skipped'] = [read + p for p in batch['positions']], [read + p for p in batch['skipped']]
+            read += size
+            yield batch
+
+def _check_stream(dataset, start: int):
+    "An iterable data set is read front to back, and must yield evaluation items (all T frames, decoded)."
+    if start: raise ValueError(f"{type(dataset).__name__} is a stream (an iterable data set): it is read from its start, not from position {start}")
+    if getattr(dataset, 'mode', 'eval') != 'eval':
+        raise ValueError(f"{type(dataset).__name__} in mode {dataset.mode!r}: evaluation reads all T frames of each clip; use mode='eval'")
+    if getattr(dataset, 'raw', False): raise ValueError(f"{type(dataset).__name__} yields raw samples (raw=True): evaluation reads decoded items")
+
+def clip_loader(dataset, batch_size: int = 8, num_workers: int = 0, pin_memory: bool = False, start: int = 0) -> DataLoader | _Stream:
     """Batches {'positions', 'skipped', 'audio' (B, T, L, mel), 'frames' (B, T, 3, H, W), 'labels', 'video_id'} of the
-    items from position `start` on, in order; items a data set returns as None are listed in 'skipped'."""
+    items from position `start` on, in order; items a data set returns as None are listed in 'skipped'. An iterable data
+    set (e.g. `shards.ShardDataset(mode='eval')`) is read once from its start, its DataLoader workers splitting it as it
+    says; its positions number the clips in the order they arrive (which depends on `num_workers`)."""
+    if isinstance(dataset, IterableDataset):
+        _check_stream(dataset, start)
+        return _Stream(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_stream, pin_memory=pin_memory))
     return DataLoader(_Positions(dataset, range(start, len(dataset))), batch_size=batch_size, num_workers=num_workers,
                       collate_fn=_collate_clips, pin_memory=pin_memory)
 
@@ -217,7 +249,8 @@ def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_worker
                     start: int = 0, progress: bool = True, desc: str = 'embedding clips', whole_clip_audio: bool = False,
                     precision: str = 'fp16') -> Iterator[dict]:
     """Encode a data set batch by batch in eval mode (CUDA: `precision` autocast, fp16 by default): yields {'positions',
-    'skipped', 'audio' (B, T, D), 'video', 'labels' (if the items have them), 'video_id' (if they have them)} per batch."""
+    'skipped', 'audio' (B, T, D), 'video', 'labels' (if the items have them), 'video_id' (if they have them)} per batch.
+    A map-style data set is read from position `start` on; an iterable one (shards) once from its start (`clip_loader`)."""
     device = _model_device(model, device)
     precision_tag(device, precision)                                       # refuse an unknown precision before decoding anything
     loader = clip_loader(dataset, batch_size, num_workers, pin_memory=device.type == 'cuda', start=start)
@@ -233,22 +266,30 @@ def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_worker
 
 # %% ../nbs/06a_embeddings.ipynb #b761ad30
 def embed_dataset(model,                          # a `CAVMAESync` model
-                  dataset,                        # eval items {'audio': (T, L, mel), 'frames': (T, 3, H, W)}
+                  dataset,                        # eval items {'audio': (T, L, mel), 'frames': (T, 3, H, W)}; or a stream of them (shards)
                   batch_size: int = 8,            # clips per encoder call (B*T pairs)
                   device=None,                    # default: the model's device
                   num_workers: int = 0,           # DataLoader workers decoding clips
                   cache_path=None,                # file to keep the embeddings in; reused when its fingerprint matches
                   overwrite: bool = False,        # recompute when the cache was made by another model / data set
-                  save_every: int = 100,          # batches between partial saves (resume after an interruption)
+                  save_every: int = 100,          # batches between partial saves (resume after an interruption; map-style data sets only)
                   progress: bool = True,
                   whole_clip_audio: bool = False, # CAV-MAE: one whole-clip audio embedding per clip, paired with each of its T frames
                   precision: str = 'fp16',        # CUDA autocast: 'fp16' (as the released evaluation), 'bf16' or 'fp32'; CPU: fp32
                  ) -> ClipEmbeddings:
-    "Per-frame audio and visual embeddings of every clip of a data set, kept in `cache_path` when given."
+    """Per-frame audio and visual embeddings of every clip of a data set, kept in `cache_path` when given. A stream (an
+    iterable data set such as `shards.ShardDataset(mode='eval')`) is read once, in order; its clips come back sorted by
+    video id, whatever the number of workers; it is not resumed from a partial file (an interrupted run starts over)."""
+    stream = isinstance(dataset, IterableDataset)
+    if stream:
+        _check_stream(dataset, 0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and getattr(dataset, 'split_over_processes', True):
+            warnings.warn(f"embed_dataset: {type(dataset).__name__} is read under a process group of {dist.get_world_size()}: a stream that "
+                          "splits its clips over the processes (shards.ShardDataset does) gives this process only its share")
     fingerprint = (f'{model_fingerprint(model)}-{dataset_fingerprint(dataset)}' + ('-whole-clip-audio' if whole_clip_audio else '')
                    + precision_tag(_model_device(model, device), precision))
     cache_path = Path(cache_path) if cache_path is not None else None
-    partial_path = cache_path.with_name(cache_path.name + '.partial') if cache_path else None
+    partial_path = cache_path.with_name(cache_path.name + '.partial') if cache_path and not stream else None
     if cache_path is not None and cache_path.exists():
         cached = ClipEmbeddings.load(cache_path)
         if cached.fingerprint == fingerprint: return cached
@@ -260,7 +301,7 @@ def embed_dataset(model,                          # a `CAVMAESync` model
         state = safe_load(partial_path)
         if state.get('fingerprint') == fingerprint:
             audio, video, ids, skipped, start = [state['audio']], [state['video']], state['video_ids'], state['skipped'], state['next_position']
-    known_ids = clip_ids(dataset)
+    known_ids = None if stream else clip_ids(dataset)
 
     def save_partial(next_position):
         atomic_torch_save({'fingerprint': fingerprint, 'audio': torch.cat(audio), 'video': torch.cat(video), 'video_ids': ids,
@@ -271,16 +312,23 @@ def embed_dataset(model,                          # a `CAVMAESync` model
     for step, batch in enumerate(batches, 1):
         skipped += batch['skipped']
         if batch['positions']:
+            if stream and 'video_id' not in batch: raise KeyError(f"{type(dataset).__name__}: items of a stream need a 'video_id' (its order is not fixed)")
             audio.append(batch['audio']); video.append(batch['video'])
             ids += batch.get('video_id') or [known_ids[p] if known_ids else str(p) for p in batch['positions']]
         if partial_path is not None and step % save_every == 0 and audio:
             save_partial(max(batch['positions'] + batch['skipped']) + 1)
     if not audio: raise ValueError(f"no clip of the data set ({len(dataset)} items, {len(skipped)} skipped) could be embedded")
-    result = ClipEmbeddings(torch.cat(audio), torch.cat(video), ids, sorted(skipped), fingerprint)
+    audio, video = torch.cat(audio), torch.cat(video)                                     # (N, T, D)
+    if stream:                                                                           # arrival order depends on the workers: sort by id
+        repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+        if repeated: raise ValueError(f"{type(dataset).__name__}: clips {repeated[:5]} arrive more than once (a shard listed twice?)")
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        audio, video, ids = audio[order], video[order], [ids[k] for k in order]          # (N, T, D)
+    result = ClipEmbeddings(audio, video, ids, sorted(skipped), fingerprint)
     if skipped: warnings.warn(f"embed_dataset: {len(skipped)} clips could not be loaded and were skipped (positions {sorted(skipped)[:10]}...)")
     if cache_path is not None:
         result.save(cache_path)
-        if partial_path.exists(): partial_path.unlink()
+        if partial_path is not None and partial_path.exists(): partial_path.unlink()
     return result
 
 # %% ../nbs/06a_embeddings.ipynb #f0a3c73c

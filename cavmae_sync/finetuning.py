@@ -14,11 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.utils.data import Dataset, DataLoader
+from torch.utils.data import Dataset, DataLoader, IterableDataset
 
 from .model import ModelConfig, CAVMAESyncClassifier
 from .checkpoint import save_checkpoint, load_checkpoint, atomic_torch_save
 from .clip_cache import dataset_targets
+from .shards import is_shard_folder
 from .metrics import mean_average_precision, accuracy
 from .classification import linear_probe
 from .train_config import FinetuneConfig, save_config, atomic_write_text
@@ -94,6 +95,17 @@ def _clip_weights(targets: torch.Tensor) -> np.ndarray:
     if (weights <= 0).any(): weights = weights + weights[weights > 0].min() * 1e-3   # unlabeled clips: rarely, not never
     return weights.double().numpy()
 
+def _check_shard_training(config: FinetuneConfig):
+    "Training from shards: the labels arrive with the clips, so nothing may need every clip's labels before the first step."
+    problems = [reason for wrong, reason in (
+        (config.method == 'linear_probe', "method 'linear_probe' reads every clip's features and labels up front: probe on a datafile"),
+        (config.train_all_frames, "train_all_frames: shards stream all T frames of a clip only for evaluation, unshuffled"),
+        (config.balanced_sampling, "balanced_sampling weighs every clip by its labels before the first step; a stream has no clip positions to weigh"),
+        (not config.label_csv, "no label_csv: give the class list (index,mid,display_name) the shards' labels are named in"),
+        (config.loss == 'auto', "loss 'auto' decides from every training label up front: pass --loss bce (multi-label, mAP) or --loss ce (one label per clip, accuracy)"),
+    ) if wrong]
+    if problems: raise ValueError(f"{config.train_data}: fine-tuning from shards: " + '; '.join(problems))
+
 def _evaluate_classifier(model: CAVMAESyncClassifier, dataset: Dataset, loss: str, batch_size: int) -> dict:
     "Test metric of `model` on evaluation items (all T frames of each clip)."
     device = next(model.parameters()).device
@@ -129,14 +141,19 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     for name in ('train_data', 'eval_data'):
         if not getattr(config, name): raise ValueError(f"FinetuneConfig.{name} is empty: classification needs training and evaluation datafiles")
     model_config, pretrained = _finetune_model_config(config)
+    if is_shard_folder(config.train_data): _check_shard_training(config)
     ctx = setup_distributed(config.device)
     try:
         torch.manual_seed(config.seed)
         train_set = clip_dataset(config, config.train_data, 'eval' if config.train_all_frames or config.method == 'linear_probe' else 'train', ctx)
         eval_set = clip_dataset(config, config.eval_data, 'eval', ctx, max_clips=0)
-        train_targets = dataset_targets(train_set)                                       # (N, C)
-        num_classes = train_targets.shape[1]
-        loss = config.loss if config.loss != 'auto' else ('bce' if (train_targets.sum(1) > 1).any() else 'ce')
+        if isinstance(train_set, IterableDataset):                                      # shards: the labels come with each clip
+            train_targets, num_classes, loss = None, len(train_set.classes), config.loss
+        else:
+            train_targets = dataset_targets(train_set)                                   # (N, C)
+            num_classes = train_targets.shape[1]
+            loss = config.loss if config.loss != 'auto' else ('bce' if (train_targets.sum(1) > 1).any() else 'ce')
+        torch.manual_seed(config.seed)            # again: decoding into memory (cache) draws from the global RNG; the weights must not depend on it
         model = CAVMAESyncClassifier(model_config, num_classes, config.modality, config.aggregation)
         if pretrained is not None: model.load_encoder_state_dict(pretrained)
         if config.method == 'linear_probe': return _linear_probe_run(config, model, train_set, eval_set, loss, ctx)

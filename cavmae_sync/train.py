@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.distributed as dist
-from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler
+from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler, get_worker_info
 
 from .config import atomic_file, process_alive
 from .video import VIDEO_EXTENSIONS
@@ -29,7 +29,7 @@ from .train_config import TrainConfig, config_from_args, save_config, atomic_wri
 __all__ = ['RESUME_FREE_SETTINGS', 'ResumableDistributedSampler', 'seeded_global_rngs', 'SeededSamples', 'NonFiniteLossError',
            'check_finite', 'DistributedContext', 'setup_distributed', 'RunLog', 'TrainTask', 'FitResult',
            'default_param_groups', 'resolve_precision', 'resume_path', 'output_dir_lock', 'save_training_state',
-           'load_training_state', 'fit', 'label_csv_for', 'clip_dataset', 'run_cli']
+           'load_training_state', 'fit', 'label_csv_for', 'ShardsReadHere', 'spread_shards', 'clip_dataset', 'run_cli']
 
 # %% ../nbs/08b_train.ipynb #7f0d533e
 class ResumableDistributedSampler(Sampler):
@@ -346,7 +346,7 @@ def _fit_locked(config: TrainConfig, task: TrainTask, ctx: DistributedContext, o
     if streaming and isinstance(task.train_set, ShardDataset) and ctx.device.type == 'cuda':
         task.train_set.raw = True
         decoder = BatchDecoder(task.train_set.config, ctx.device)
-    else:
+    if not streaming:
         sampler = ResumableDistributedSampler(len(task.train_set), config.batch_size, ctx.rank, ctx.world_size, config.seed,
                                               weights=task.sample_weights)
         steps_per_epoch = sampler.steps_per_epoch
@@ -508,16 +508,45 @@ def label_csv_for(config: TrainConfig, datafile) -> Path | None:
         if (Path(datafile).parent / name).is_file(): return Path(datafile).parent / name
     return None
 
+class ShardsReadHere(ShardDataset):
+    """A `ShardDataset` that the process iterating it reads entirely, split over its own DataLoader workers only, not over
+    the process group: the held-out evaluation runs on rank 0 while the other ranks wait."""
+    split_over_processes = False
+
+    def consumer_shards(self, consumer: int, consumers: int) -> list[Path]:
+        worker = get_worker_info()
+        workers, wid = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        return super().consumer_shards(wid, workers)       # this process's workers, whatever the rank
+
+def spread_shards(dataset: ShardDataset,    # the shards of an evaluation set
+                  max_clips: int,           # clips wanted
+                 ) -> list[Path]:           # whole shards, in index order
+    "The fewest whole shards, evenly spread over the index, that hold at least `max_clips` clips (a stream cannot pick single clips)."
+    sizes = dataset.shard_clips()
+    for count in range(1, len(dataset.shards) + 1):
+        keep = [dataset.shards[k] for k in np.unique(np.linspace(0, len(dataset.shards) - 1, count).round().astype(int))]
+        if sum(sizes[s] for s in keep) >= max_clips: return keep
+    return list(dataset.shards)
+
 def clip_dataset(config: TrainConfig, datafile, mode: str, ctx: DistributedContext | None = None, max_clips: int = 0) -> Dataset:
-    "The clips of `datafile` (or of a shards folder, streamed) as the model of `config` reads them, decoded once into memory when `config.cache` says so."
+    """The clips of `datafile` (or of a shards folder, streamed) as the model of `config` reads them, decoded once into memory
+    when `config.cache` says so. Shards in mode 'eval' are read whole by the process that iterates them (`ShardsReadHere`);
+    `max_clips` keeps whole shards (`spread_shards`)."""
     if is_shard_folder(datafile):
-        if mode != 'train': raise ValueError(f"{datafile}: shards feed training; evaluate on a datafile (eval_data)")
         if config.model.frame_preset != 'released':
             raise ValueError(f"{datafile}: shards hold the released extraction's frames, so the model must record that preset "
                              f"(--model.frame_preset released; now {config.model.frame_preset!r}) to be fed the same frames later")
         label_csv = Path(config.label_csv) if config.label_csv else None
         classes = [mid for mid, _ in read_label_csv(label_csv)] if label_csv else None
-        return ShardDataset(datafile, 'train', config.preprocess(), classes=classes, seed=config.seed, augment=config.augment_frames)
+        if mode == 'train':
+            return ShardDataset(datafile, 'train', config.preprocess(), classes=classes, seed=config.seed, augment=config.augment_frames)
+        if mode != 'eval': raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        dataset = ShardsReadHere(datafile, 'eval', config.preprocess(), classes=classes)
+        if max_clips and len(dataset) > max_clips:
+            sizes = dataset.shard_clips()
+            dataset = ShardsReadHere(spread_shards(dataset, max_clips), 'eval', config.preprocess(), classes=classes)
+            dataset.sizes = {shard: sizes[shard] for shard in dataset.shards}     # known from the index: no pass over the tar files
+        return dataset
     dataset = DatafileDataset(datafile, label_csv_for(config, datafile), mode=mode, config=config.preprocess(), skip_errors=config.skip_errors)
     if max_clips and len(dataset) > max_clips:                       # evenly spread subset (held-out evaluation)
         keep = np.unique(np.linspace(0, len(dataset) - 1, max_clips).round().astype(int))

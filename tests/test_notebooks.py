@@ -165,7 +165,7 @@ def test_test_runs_are_small_and_papermill_runs_full_size(name):
     exec(''.join(cells[index]['source']), {}, parameters)
     assert parameters['quick'] is None and parameters['dataset'] == 'synthetic'
     small = quick_sizes(name)
-    assert parameters['num_test'] > small['num_test'] and parameters['train_minutes'] > small['train_minutes']
+    assert parameters['num_test'] > small['num_test'] and parameters['train_steps'] > small['train_steps']
     assert set(small) <= set(parameters), set(small) - set(parameters)       # every quick size is a parameter of the notebook
     following = ''.join(cells[index + 1]['source'])
     assert 'quick = in_test(quick)' in following and f"quick_sizes('{name}')" in following

@@ -91,101 +91,89 @@ def test_paired_bootstrap_interval():
     with pytest.raises(ValueError, match='same queries'): paired_bootstrap(better, worse[:10])
 
 
-# ---------------------------------------------------------------------------------------------- verdicts on hand-made tables
-from cavmae_sync.reproduce import (CLASSIFICATION_HEADLINES, LOCALIZATION_HEADLINES, RETRIEVAL_HEADLINES, ablation_claim,
-                                   above_chance, cache_lock, classification_verdict, gap_direction, in_test, localization_verdict,
-                                   quick_sizes, retrieval_verdict)
+# ---------------------------------------------------------------------------------------------- verdicts on hand-made hits
+from cavmae_sync.claims import ChanceCheck, chance_check, judge_claim, retrieval_claim, localization_claim
+from cavmae_sync.metrics import PairedGain, above_chance
+from cavmae_sync.reproduce import cache_lock, in_test, quick_sizes
 import pandas as pd
 
-
-def retrieval_table(sync, cavmae, low, clips=200):
-    "One row per direction, as retrieval.ipynb writes retrieval_verdict.csv."
-    sync, cavmae = np.asarray(sync, float), np.asarray(cavmae, float)
-    return pd.DataFrame({'direction': ['audio_to_video', 'video_to_audio'], 'sync R@1': sync, 'cavmae R@1': cavmae,
-                         'clips': clips, 'gain': sync - cavmae, 'gain 95% low': low, 'gain 95% high': sync - cavmae + 5})
+DIRECTIONS = ('audio_to_video', 'video_to_audio')
 
 
-@pytest.mark.parametrize('sync, cavmae, low, outcome, sentence', [
-    ([17.0, 67.0], [0.5, 0.5], [11.0, 60.0], 'held',
-     "**The paper's claim held on the testbed**: CAV-MAE Sync retrieves better than CAV-MAE in both directions, and the gap is "
-     "larger than the bootstrap noise."),
-    ([17.0, 8.0], [0.5, 6.0], [11.0, -1.0], 'held weakly',
-     "**The paper's claim held only weakly on the testbed**: CAV-MAE Sync is ahead in both directions, but the bootstrap interval "
-     "of at least one gap includes zero."),
-    ([17.0, 5.0], [0.5, 6.0], [11.0, -6.0], 'did not hold',
-     "**The paper's claim did not hold on the testbed**: CAV-MAE Sync is not ahead of CAV-MAE in both directions."),
-    ([0.5, 67.0], [17.0, 0.5], [-20.0, 60.0], 'did not hold',                  # ahead in one direction only
-     "**The paper's claim did not hold on the testbed**: CAV-MAE Sync is not ahead of CAV-MAE in both directions."),
-    ([1.5, 1.0], [0.5, 0.0], [-1.0, -0.5], 'no verdict',                       # 3 and 2 hits of 200 where 1 is expected: both at chance
-     "**No verdict on the testbed**: neither CAV-MAE Sync nor CAV-MAE retrieves above chance in either direction, so the gap "
-     "between them is noise; give both a longer budget (-p train_minutes ...)."),
+def hits(rate_a2v, rate_v2a, n=200, seed=0):
+    "Per-query R@1 hits with exactly these rates (percent), in a shuffled order."
+    rng = np.random.default_rng(seed)
+    return {d: rng.permutation((np.arange(n) < round(rate * n / 100)).astype(float)) for d, rate in zip(DIRECTIONS, (rate_a2v, rate_v2a))}
+
+
+@pytest.mark.parametrize('sync, cavmae, outcome', [
+    ((40.0, 70.0), (8.0, 9.0), 'held'),              # both left 5x chance (2.5% of 200), Sync far ahead
+    ((12.0, 9.0), (8.0, 9.0), 'not shown'),          # both trained, the gaps are within the noise
+    ((5.0, 4.0), (30.0, 40.0), 'did not hold'),      # both trained, CAV-MAE ahead
+    ((40.0, 70.0), (0.5, 0.0), 'no verdict'),        # the README's first run: CAV-MAE at chance, whatever the gap
+    ((2.0, 1.5), (0.5, 0.5), 'no verdict'),          # neither
 ])
-def test_retrieval_verdict(sync, cavmae, low, outcome, sentence):
-    verdict = retrieval_verdict(retrieval_table(sync, cavmae, low))
-    assert verdict.outcome == outcome and verdict.headline == sentence
-    if outcome in ('held', 'held weakly'):                                     # the same numbers with the models swapped never hold
-        assert retrieval_verdict(retrieval_table(cavmae, sync, [-g for g in low])).outcome == 'did not hold'
+def test_retrieval_claim_on_hand_made_hits(sync, cavmae, outcome):
+    verdict = retrieval_claim('frame-aligned windows beat the whole clip', ('Sync', hits(*sync)), ('CAV-MAE', hits(*cavmae, seed=1)))
+    assert verdict.outcome == outcome, verdict.headline
+    if outcome == 'no verdict':
+        assert verdict.headline.startswith('**No verdict**') and 'did not leave chance' in verdict.headline
+        assert not verdict.table()['all left chance'].all()
+    else:
+        assert 'No verdict' not in verdict.headline and verdict.table()['all left chance'].all()
+    gains = verdict.table().set_index('measure')['gain']
+    for d, a, b in zip(DIRECTIONS, sync, cavmae):                     # the gain is Sync minus CAV-MAE, in points
+        assert gains[f'{d} R@1'] == pytest.approx(a - b, abs=1e-9)
 
 
-def test_retrieval_verdict_needs_its_columns():
-    with pytest.raises(ValueError, match='clips'): retrieval_verdict(retrieval_table([1, 1], [1, 1], [0, 0]).drop(columns='clips'))
+def test_an_ablation_reference_needs_ten_times_chance():
+    at_six = hits(3.0, 3.0)                                          # 6x chance of 0.5%, 6 hits of 200
+    variant = hits(3.0, 3.5, seed=1)
+    assert retrieval_claim('c', ('reference', at_six), ('variant', variant), factors=(5.0, 5.0)).outcome != 'no verdict'
+    strict = retrieval_claim('c', ('reference', at_six), ('variant', variant), factors=(10.0, 5.0))
+    assert strict.outcome == 'no verdict' and 'reference did not leave chance' in strict.headline
 
 
-def test_above_chance_is_a_binomial_test():
-    # 200 queries, chance 1/200: 4 hits (P = 0.019 by chance) are above chance, 3 (P = 0.080) are not
-    assert above_chance(2.0, 200, 0.5) and not above_chance(1.5, 200, 0.5)
-    assert not above_chance(0.0, 12, 100 / 12) and not above_chance(100 / 12, 12, 100 / 12)
-    assert above_chance(100 * 4 / 12, 12, 100 / 12) and not above_chance(100 * 3 / 12, 12, 100 / 12)
+def test_chance_check_is_a_multiple_of_chance_beyond_binomial_noise():
+    assert above_chance(2.0, 200, 0.5) and not above_chance(1.5, 200, 0.5)   # 4 hits where 1 is expected: P = 0.019; 3: P = 0.080
+    assert chance_check('m', {'R@1': 2.5}, 0.5, 200).passed and not chance_check('m', {'R@1': 2.0}, 0.5, 200).passed
+    assert not chance_check('m', {'R@1': 5.0}, 1.0, 20).passed       # 1 hit of 20: 5x chance, but noise
     with pytest.raises(ValueError, match='n=0'): above_chance(10.0, 0, 1.0)
 
 
-def test_classification_verdict():
-    runs = pd.DataFrame({'model': ['CAV-MAE Sync (tiny)', 'CAV-MAE (tiny)', 'random init (tiny)'] * 2,
-                         'method': ['linear_probe'] * 3 + ['finetune'] * 3, 'metric': [100.0, 98.2, 94.1, 90.8, 58.6, np.nan]})
-    held = classification_verdict(runs)
-    assert held.outcome == 'held' and held.headline == ("**The paper's claim held on the testbed**: CAV-MAE Sync classified better "
-                                                        "than CAV-MAE in every protocol run here.")
-    partly = classification_verdict(runs.assign(metric=[100.0, 98.2, 94.1, 50.0, 58.6, np.nan]))
-    assert partly.outcome == 'held partly' and partly.headline == CLASSIFICATION_HEADLINES['held partly']
-    assert partly.headline.startswith("**The paper's claim held only partly on the testbed**")
-    reversed_ = classification_verdict(runs.assign(metric=[98.2, 100.0, 94.1, 58.6, 90.8, np.nan]))
-    assert reversed_.outcome == 'did not hold' and reversed_.headline.startswith("**The paper's claim did not hold on the testbed**")
-    with pytest.raises(ValueError, match="rows of 'CAV-MAE Sync"): classification_verdict(runs[runs['model'] != 'CAV-MAE Sync (tiny)'])
+def test_a_failed_control_is_no_verdict():
+    learned = [chance_check('A', {'R@1': 30.0}, 0.5, 200), chance_check('B', {'R@1': 20.0}, 0.5, 200)]
+    up = PairedGain(10.0, 4.0, 16.0)
+    assert judge_claim('c', {'pointing accuracy': up}, learned).outcome == 'held'
+    gated = judge_claim('c', {'pointing accuracy': up}, learned, gates=['neither model localizes by sound'])
+    assert gated.outcome == 'no verdict' and 'neither model localizes by sound' in gated.headline
 
 
-def localization_table(sync, cavmae, low, chance=(3.6, 3.6, 2.0)):
-    sync, cavmae = np.asarray(sync, float), np.asarray(cavmae, float)
-    return pd.DataFrame({'metric': ['mAP', 'mIoU', 'pointing_accuracy'], 'CAV-MAE Sync': sync, 'CAV-MAE': cavmae, 'gain': sync - cavmae,
-                         'gain 95% low': [np.nan, np.nan, low], 'gain 95% high': [np.nan, np.nan, low + 10], 'chance': chance})
+class Evidence:
+    "Stands in for `testbed_localization.LocalizationEvidence`: hits per frame, clips, and whether the controls passed."
+    def __init__(self, model, rate, passed, clips=40, frames=10, seed=0):
+        rng = np.random.default_rng(seed)
+        self.model, self.controls_passed = model, passed
+        self.clips = np.repeat(np.arange(clips), frames)
+        self.hits = (rng.random(clips * frames) < rate).astype(float)
+        self.control_failure = '' if passed else 'does not beat the audio-free brightness map'
+        self.lines = [f'- {model}: controls {"passed" if passed else "failed"}']
 
 
-def test_localization_verdict():
-    held = localization_verdict(localization_table([30, 20, 60], [10, 8, 20], 25.0))
-    assert held.outcome == 'held' and held.headline == LOCALIZATION_HEADLINES['held']
-    assert held.headline.startswith("**The paper's claim held on the testbed**: CAV-MAE Sync's maps find the sounding source better")
-    assert localization_verdict(localization_table([30, 20, 60], [10, 8, 20], -2.0)).outcome == 'held partly'   # pointing gap in the noise
-    assert localization_verdict(localization_table([30, 5, 60], [10, 8, 20], 25.0)).outcome == 'held partly'    # one measure behind
-    readme = localization_verdict(localization_table([2.3, 5.0, 3.5], [4.4, 6.0, 20.0], -20.0))                  # the README's run
-    assert readme.outcome == 'did not hold' and readme.headline.startswith("**The paper's claim did not hold on the testbed**")
-    reversed_ = localization_verdict(localization_table([10, 8, 20], [30, 20, 60], -45.0))
-    assert reversed_.outcome == 'did not hold'
-    at_chance = localization_verdict(localization_table([3.0, 3.1, 1.5], [3.5, 2.9, 1.0], -1.0))
-    assert at_chance.outcome == 'no verdict' and at_chance.headline.startswith('**No verdict on the testbed**')
-
-
-def test_ablation_claims_and_gap_direction():
-    gaps = pd.DataFrame({'gain': [-5.0, 4.0, 0.5], 'gain 95% low': [-8.0, 1.0, -2.0], 'gain 95% high': [-2.0, 7.0, 3.0]})
-    assert [gap_direction(r) for _, r in gaps.iterrows()] == ['worse', 'better', 'no clear difference']
-    assert [ablation_claim(gaps.iloc[[i]]) for i in range(3)] == [
-        'held (-5.0 points)', 'did not hold: the opposite (+4.0 points)', 'not shown: within the bootstrap noise (+0.5 points)']
-    assert ablation_claim(gaps.iloc[:0]) == 'not run'
+def test_localization_claim_needs_one_model_that_localizes_by_sound():
+    checks = [chance_check('A', {'R@1': 30.0}, 0.5, 200), chance_check('B', {'R@1': 20.0}, 0.5, 200)]
+    assert localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, False, seed=1), checks).outcome == 'held'
+    neither = localization_claim('c', Evidence('A', 0.7, False), Evidence('B', 0.2, False, seed=1), checks)
+    assert neither.outcome == 'no verdict' and 'neither model localizes by sound' in neither.headline
+    with pytest.raises(ValueError, match='different frames'):
+        localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, True, clips=20), checks)
 
 
 # ---------------------------------------------------------------------------------------------- test runs
 def test_quick_sizes_and_scratch_outputs(monkeypatch, tmp_path):
     for name in ('retrieval', 'classification', 'localization', 'ablations'):
         sizes = quick_sizes(name)
-        assert sizes['num_test'] <= 12 and sizes['train_minutes'] <= 0.5 and sizes['num_workers'] == 0
+        assert sizes['num_test'] <= 12 and sizes['train_steps'] <= 10 and sizes['num_workers'] == 0
     with pytest.raises(ValueError, match="notebook='train'"): quick_sizes('train')
     monkeypatch.delenv('IN_TEST', raising=False)
     assert not in_test() and in_test(True)

@@ -1,6 +1,7 @@
 """Shards: written in disjoint parts by the command line, read back as the mp4s read under the released preset, split
 over 2 processes x 2 workers into disjoint samples that together cover the epoch; decoded in batches (`batch_decode`) as
-the per-sample path decodes them."""
+the per-sample path decodes them; feeding evaluation (embeddings, pretraining's held-out retrieval) and fine-tuning as
+the mp4 datafiles do."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -48,13 +49,15 @@ def test_shards_give_what_load_clip_gives_under_the_released_preset(collection):
 
 
 def test_two_ranks_times_two_workers_read_disjoint_samples_covering_the_epoch(collection, tmp_path):
-    "Each of 2 processes (gloo) iterates with 2 DataLoader workers; every clip is read exactly once per epoch."
+    """Each of 2 processes (gloo) iterates with 2 DataLoader workers; every clip is read exactly once per epoch. An evaluation
+    set (`train.ShardsReadHere`) is read whole by the process that iterates it, each clip once over its workers."""
     script = tmp_path / 'read.py'
     script.write_text(f"""
 import json, sys, torch.distributed as dist
 from torch.utils.data import DataLoader
 from cavmae_sync.config import PreprocessConfig
 from cavmae_sync.shards import ShardDataset
+from cavmae_sync.train import ShardsReadHere
 dist.init_process_group('gloo')
 config = PreprocessConfig(num_frames=4, image_size=32, window=64, frame_preset='released')
 data = ShardDataset({str(collection / 'out')!r}, 'train', config, shuffle_buffer=2, seed=5)
@@ -62,6 +65,8 @@ epochs = []
 for epoch in range(2):
     data.set_epoch(epoch)
     epochs.append([item['video_id'] for item in DataLoader(data, batch_size=None, num_workers=2)])
+whole = ShardsReadHere({str(collection / 'out')!r}, 'eval', config)          # evaluation on one rank: all of it
+epochs.append([item['video_id'] for item in DataLoader(whole, batch_size=None, num_workers=2)])
 json.dump(epochs, open(sys.argv[1] + f'.{{dist.get_rank()}}', 'w'))
 dist.destroy_process_group()
 """)
@@ -74,6 +79,7 @@ dist.destroy_process_group()
         a, b = ranks[0][epoch], ranks[1][epoch]
         assert not set(a) & set(b) and sorted(a + b) == everything
     assert ranks[0][0] != ranks[0][1] or ranks[1][0] != ranks[1][1]           # the order changes between epochs
+    assert sorted(ranks[0][2]) == sorted(ranks[1][2]) == everything            # `train.ShardsReadHere`: each rank reads every clip once
 
 
 def test_too_few_shards_for_the_readers_is_an_error(collection):
@@ -167,3 +173,135 @@ def test_batch_decoding_of_real_clips_at_the_released_size(media_dir, tmp_path):
         assert got['video_id'] == [item['video_id'] for item in expected]
         assert torch.equal(got['frames'], torch.stack([item['frames'] for item in expected]))
         assert (got['audio'] - torch.stack([item['audio'] for item in expected])).abs().max() < AUDIO_TOLERANCE
+
+
+EMBEDDING_TOLERANCE = 1e-5   # frames from shards equal the mp4's, windows agree within 1e-6 (test above); measured: equal, bit for bit
+
+
+def test_embeddings_from_shards_equal_those_from_the_mp4s(collection, tmp_path):
+    """`embed_dataset` reads shards as a stream (2 DataLoader workers): the same clips, sorted by id, as the mp4s under the
+    released preset; the cache is reused, keyed by the shards' identities; a stream is read from its start only."""
+    from cavmae_sync.data import ClipDataset, ClipSource
+    from cavmae_sync.embeddings import embed_dataset, iterate_encoded
+    from cavmae_sync.model import CAVMAESync, tiny
+    torch.manual_seed(0)
+    model = CAVMAESync(tiny(num_frames=4, image_size=32, audio_length=64, frame_preset='released'))
+    videos = sorted((collection / 'videos').iterdir())
+    direct = embed_dataset(model, ClipDataset([ClipSource(p.stem, p) for p in videos], 'eval', RELEASED), batch_size=4, progress=False)
+    cache = tmp_path / 'shards.pt'
+    streamed = embed_dataset(model, ShardDataset(collection / 'out', 'eval', RELEASED), batch_size=3, num_workers=2, cache_path=cache, progress=False)
+    assert streamed.video_ids == direct.video_ids == [p.stem for p in videos]       # sorted by id, whatever the arrival order
+    for name in ('audio', 'video'):
+        gap = (getattr(streamed, name) - getattr(direct, name)).abs().max().item()
+        assert gap < EMBEDDING_TOLERANCE, f'{name}: {gap}'
+    one_reader = embed_dataset(model, ShardDataset(collection / 'out', 'eval', RELEASED), batch_size=5, progress=False)
+    assert one_reader.video_ids == streamed.video_ids and torch.equal(one_reader.audio, streamed.audio)
+    assert one_reader.fingerprint == streamed.fingerprint                           # the workers are not part of the data
+    again = embed_dataset(model, ShardDataset(collection / 'out', 'eval', RELEASED), cache_path=cache, progress=False)
+    assert torch.equal(again.video, streamed.video) and sorted(p.name for p in tmp_path.iterdir()) == ['shards.pt']   # no partial file
+    shard = list_shards(collection / 'out')[0]
+    stat = shard.stat()
+    try:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))          # a shard rewritten since: another data set
+        with pytest.raises(ValueError, match='another model or data set'):
+            embed_dataset(model, ShardDataset(collection / 'out', 'eval', RELEASED), cache_path=cache, progress=False)
+    finally: os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ValueError, match='from its start'): next(iterate_encoded(model, ShardDataset(collection / 'out', 'eval', RELEASED), start=2))
+    with pytest.raises(ValueError, match="mode='eval'"): embed_dataset(model, ShardDataset(collection / 'out', 'train', RELEASED), progress=False)
+    with pytest.raises(ValueError, match='more than once'):
+        embed_dataset(model, ShardDataset([shard, shard, *list_shards(collection / 'out')[1:4]], 'eval', RELEASED), progress=False)
+
+
+def split_folder(clips: Path, split: str, out: Path) -> Path:
+    "The mp4s of one split of the synthetic set, as a folder of links (what `write_shards` reads)."
+    out.mkdir()
+    for row in json.loads((clips / f'{split}.json').read_text())['data']:
+        source = (clips / row['video_path']).resolve()
+        (out / source.name).symlink_to(source)
+    return out
+
+
+def write_labelled_shards(clips: Path, tmp_path: Path, config: PreprocessConfig) -> dict:
+    "Shards of the train and test splits (one clip per shard) with the datafiles' labels, written through a video_id,labels CSV."
+    import csv
+    from cavmae_sync.shards import write_shards
+    rows = [row for split in ('train', 'test') for row in json.loads((clips / f'{split}.json').read_text())['data']]
+    with open(tmp_path / 'video_labels.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['video_id', 'labels'])
+        writer.writerows([row['video_id'], row['labels']] for row in rows)
+    out = {}
+    for split in ('train', 'test'):
+        write_shards(split_folder(clips, split, tmp_path / f'{split}_videos'), tmp_path / f'{split}_shards', labels=tmp_path / 'video_labels.csv',
+                     config=config, shard_bytes=1, progress=False)
+        out[split] = tmp_path / f'{split}_shards'
+    return out
+
+
+def test_pretraining_evaluates_on_shards(clips, tmp_path):
+    """`--eval_data SHARDS_DIR`: the held-out retrieval evaluation of pretraining reads shards, and logs what the same model
+    scores on the test clips' mp4s (released preset)."""
+    import pandas as pd
+    from cavmae_sync import train, train_config
+    from cavmae_sync.checkpoint import load_checkpoint
+    from cavmae_sync.pretraining import retrieval_evaluation
+    from training_setup import MINI_MODEL, cli
+    shards = write_labelled_shards(clips, tmp_path, PreprocessConfig(num_frames=4, image_size=32))
+    args = [*MINI_MODEL, '--model.frame_preset', 'released', '--train_data', str(clips / 'train.json'), '--eval_data', str(shards['test']),
+            '--output_dir', str(tmp_path / 'run'), '--batch_size', '4', '--lr', '1e-3', '--lr_reference_batch', '4', '--max_steps', '2',
+            '--progress', 'false', '--tensorboard', 'false', '--seed', '3', '--num_workers', '0']
+    done = subprocess.run(cli('cavmae-sync-pretrain') + args, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = pd.read_csv(tmp_path / 'run' / 'eval_log.csv').iloc[-1]
+    assert logged['step'] == 2 and logged['chance_R@1'] == 100 / 8               # all 8 test clips
+    config = train_config.config_from_args(train_config.PretrainConfig, args)
+    model = load_checkpoint(tmp_path / 'run' / 'model.pt').build_model().eval()
+    expected = retrieval_evaluation(model, train.clip_dataset(config, clips / 'test.json', 'eval'))
+    for name, value in expected.items(): assert abs(logged[name] - value) < 1e-9, (name, logged[name], value)
+
+
+def test_finetuning_from_shards_gives_the_datafile_losses(clips, tmp_path):
+    """`finetune` on shards with labels (train and evaluation) gives the losses and mAP of the same clips read from the mp4
+    datafiles. Exact comparison needs the same samples in each step: a stream and the datafile's sampler visit clips in other
+    orders and draw other random frames, so the run takes one frame per clip (T=1: frame 0 and its window in both) and the
+    whole set as its batch (one step per epoch: the loss is a mean, whatever the order); no mixup, SpecAugment or crops.
+    The two agree within float rounding (the batch's order changes summation order). The classifier's initial weights do
+    not depend on the datafile's clips being decoded into memory first (which draws from the global RNG)."""
+    import pandas as pd
+    from cavmae_sync import finetuning, train_config
+    from training_setup import MINI_MODEL
+    shards = write_labelled_shards(clips, tmp_path, PreprocessConfig(num_frames=1, image_size=32))
+    def run(name, train_data, eval_data, *extra):
+        args = [*MINI_MODEL, '--model.num_frames', '1', '--model.frame_preset', 'released', '--train_data', str(train_data),
+                '--eval_data', str(eval_data), '--label_csv', str(clips / 'labels.csv'), '--loss', 'bce', '--augment_frames', 'false',
+                '--output_dir', str(tmp_path / name), '--batch_size', '16', '--epochs', '3', '--lr', '1e-3', '--lr_reference_batch', '16',
+                '--log_every', '1', '--progress', 'false', '--tensorboard', 'false', '--seed', '3', '--num_workers', '0', *extra]
+        return finetuning.finetune(train_config.config_from_args(train_config.FinetuneConfig, args)), args
+    from_mp4, _ = run('mp4', clips / 'train.json', clips / 'test.json')   # decoded into memory (cache 'auto')
+    from_shards, args = run('shards', shards['train'], shards['test'])
+    losses = [pd.read_csv(result.output_dir / 'train_log.csv').set_index('step')['loss'] for result in (from_mp4, from_shards)]
+    assert list(losses[0].index) == list(losses[1].index) == [1, 2, 3]
+    assert (losses[0] - losses[1]).abs().max() < 1e-6, (losses[0].tolist(), losses[1].tolist())   # measured: bit-identical here
+    assert losses[0].iloc[0] != losses[0].iloc[-1]                              # the model learned something: the steps differ
+    assert from_shards.metric_name == from_mp4.metric_name == 'mAP' and abs(from_shards.metric - from_mp4.metric) < 1e-6
+    for extra, reason in ((['--loss', 'auto'], "pass --loss bce"), (['--balanced_sampling'], 'balanced_sampling'),
+                          (['--method', 'linear_probe'], 'linear_probe'), (['--label_csv', ''], 'no label_csv')):
+        with pytest.raises(ValueError, match=reason):
+            finetuning.finetune(train_config.config_from_args(train_config.FinetuneConfig, [*args, *extra]))
+
+
+def test_an_epoch_of_shards_split_unevenly_over_workers_on_a_cpu(clips, tmp_path):
+    """16 one-clip shards read by 3 DataLoader workers hold 6, 5 and 5 clips: 3 full batches of 4 per epoch, not 16 // 4 = 4.
+    On a CPU the epoch's length comes from `ShardDataset.batches_per_epoch` too (a map-style sampler's count ran the loader dry)."""
+    from cavmae_sync import pretraining, train_config
+    from cavmae_sync.shards import write_shards
+    from training_setup import MINI_MODEL
+    (tmp_path / 'train').mkdir()
+    for video in sorted((clips / 'videos').glob('train_*.mp4')): (tmp_path / 'train' / video.name).symlink_to(video)
+    write_shards(tmp_path / 'train', tmp_path / 'shards', config=PreprocessConfig(num_frames=4, image_size=32), shard_bytes=1, progress=False)
+    args = [*MINI_MODEL, '--model.frame_preset', 'released', '--train_data', str(tmp_path / 'shards'), '--output_dir', str(tmp_path / 'run'),
+            '--batch_size', '4', '--lr', '1e-3', '--lr_reference_batch', '4', '--epochs', '2', '--progress', 'false', '--tensorboard', 'false',
+            '--num_workers', '3', '--device', 'cpu']
+    result = pretraining.pretrain(train_config.config_from_args(train_config.PretrainConfig, args))
+    assert result.completed and result.steps == result.total_steps == 6
+    assert json.loads((tmp_path / 'run' / 'config.json').read_text())['derived']['steps_per_epoch'] == 3
