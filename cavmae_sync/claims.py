@@ -4,18 +4,22 @@
 
 # %% ../nbs/16_claims.ipynb #a5e52dcd
 from __future__ import annotations
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
 import torch
 import torch.nn.functional as F
 from .metrics import PairedGain, above_chance, paired_bootstrap
-from .retrieval import retrieval_hits
+from .retrieval import STRATEGIES, retrieval_hits
 
 # %% auto #0
-__all__ = ['OUTCOMES', 'DIRECTIONS', 'ChanceCheck', 'chance_check', 'ClaimVerdict', 'judge_claim', 'best_evaluation',
-           'retrieval_check', 'retrieval_claim', 'localization_claim', 'paper_match']
+__all__ = ['OUTCOMES', 'DIRECTIONS', 'CLAIMS', 'ABLATION_OF_FIELD', 'ABLATION_COLUMNS', 'ARROWS', 'ChanceCheck', 'chance_check',
+           'ClaimVerdict', 'judge_claim', 'best_evaluation', 'retrieval_check', 'retrieval_claim', 'localization_claim',
+           'ablation_group', 'frame_evaluations', 'Comparison', 'ablation_comparisons', 'gap_reading', 'ablation_table',
+           'reconstruction_note', 'ablation_claim', 'ablation_lines', 'plot_ablations', 'paper_match']
 
 # %% ../nbs/16_claims.ipynb #2e5224a5
 @dataclass
@@ -151,6 +155,147 @@ def localization_claim(claim: str,                # the claim, in words
         [f"neither model localizes by sound ({with_ingredient.model}: {with_ingredient.control_failure}; {without.model}: {without.control_failure})"]
     notes = [line for evidence in (with_ingredient, without) for line in evidence.lines]
     return judge_claim(claim, {'pointing accuracy': gain}, checks, gates=gates, notes=notes)
+
+# %% ../nbs/16_claims.ipynb #91115536
+CLAIMS = {   # the claims' wording, the same in every notebook that judges them
+    'a': 'frame-aligned audio windows with diagonal_mean beat one whole-clip audio embedding (R@1)',
+    'b': 'global tokens (contrastive and reconstruction objectives separated) help retrieval (R@1)',
+    'registers': 'register tokens help retrieval (R@1)',
+    'c': 'register tokens improve localization (pointing accuracy)',
+}
+ABLATION_OF_FIELD = {'num_registers': 'registers', 'global_tokens': 'global tokens', 'audio_length': 'window'}
+
+def ablation_group(fields: dict,      # the model fields a trained variant changes, e.g. {'audio_length': 128}
+                  ) -> str:           # the ablation it belongs to, e.g. 'window'
+    "The ablation a trained variant belongs to, named by the model fields it changes."
+    if not fields: raise ValueError("ablation_group: a variant changes at least one model field (the reference changes none)")
+    return ', '.join(ABLATION_OF_FIELD.get(name, name) for name in fields)
+
+def frame_evaluations(name: str,              # the model's evaluation name (its own T is that evaluation)
+                      model,                  # a `CAVMAESync`
+                      clips_for: Callable,    # PreprocessConfig -> the test clips read with it
+                      frames: Sequence[int],  # frames per clip to evaluate
+                     ) -> dict:               # {f'{name}, T={T}': (model, clips, False)}, for `retrieval.run_retrieval`
+    "The model evaluated with T frames per clip, for every T of `frames` but the one it was trained with (that is `name` itself)."
+    config = model.config.preprocess_config()
+    bad = [T for T in frames if not isinstance(T, int) or T < 1]
+    if bad: raise ValueError(f"frame_evaluations: frames per clip must be positive ints, got {bad}")
+    return {f'{name}, T={T}': (model, clips_for(dataclasses.replace(config, num_frames=T)), False) for T in frames if T != config.num_frames}
+
+# %% ../nbs/16_claims.ipynb #88a9dce8
+@dataclass(frozen=True)
+class Comparison:
+    "One row group of an ablation table: an evaluation (with one strategy) against its reference evaluation."
+    ablation: str                             # the group: 'registers', 'frames at evaluation', 'strategy', 'method', ...
+    variant: str                              # the evaluation's name in the run
+    reference: str                            # the evaluation it is compared with
+    strategy: str = 'diagonal_mean'           # the variant's clip-similarity strategy
+    reference_strategy: str = 'diagonal_mean'
+
+def ablation_comparisons(reference: str,         # the evaluation every other one is compared with
+                         groups: dict,           # {evaluation name: ablation group} of the evaluations compared with it
+                         strategies=STRATEGIES,  # the reference's strategies compared with its diagonal_mean (group 'strategy')
+                        ) -> list:               # [Comparison]
+    "Each evaluation of `groups` against the reference (both `diagonal_mean`), then each other strategy of the reference against its `diagonal_mean`."
+    if reference in groups: raise ValueError(f"ablation_comparisons: the reference {reference!r} is also listed as a variant")
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown: raise ValueError(f"ablation_comparisons: unknown strategies {unknown}; choose from {STRATEGIES}")
+    return ([Comparison(group, name, reference) for name, group in groups.items()] +
+            [Comparison('strategy', reference, reference, s) for s in strategies if s != 'diagonal_mean'])
+
+def gap_reading(gain: PairedGain) -> str:
+    "'higher' / 'lower' when the 95% interval excludes zero, else 'within noise'."
+    return 'higher' if gain.low > 0 else 'lower' if gain.high < 0 else 'within noise'
+
+ABLATION_COLUMNS = ['ablation', 'variant', 'strategy', 'reference', 'reference strategy', 'direction', 'R@1', 'reference R@1',
+                    'gain', 'gain 95% low', 'gain 95% high', 'reading', 'variant left chance']
+
+def ablation_table(hits_of: Callable,           # (evaluation name, strategy) -> {direction: (N,) R@1 hits}, e.g. `RetrievalRun.hits`
+                   comparisons: list,           # [Comparison]
+                   chance_factor: float = 5.0,  # 'variant left chance': its R@1 at least this many times chance (and beyond binomial noise)
+                   seed: int = 0,               # bootstrap seed
+                  ) -> pd.DataFrame:            # one row per comparison and direction, `ABLATION_COLUMNS`
+    "Both R@1 per direction, the change (variant minus reference, points) with a paired 95% bootstrap interval over the queries, how it reads, and whether the variant left chance."
+    rows = []
+    for c in comparisons:
+        hits, reference = hits_of(c.variant, c.strategy), hits_of(c.reference, c.reference_strategy)
+        failed = retrieval_check(c.variant, hits, chance_factor).failed_measures
+        for d in DIRECTIONS:
+            gain = paired_bootstrap(hits[d], reference[d], seed=seed)         # raises unless the same N queries
+            rows.append(dict(zip(ABLATION_COLUMNS, [c.ablation, c.variant, c.strategy, c.reference, c.reference_strategy, d,
+                                                    float(np.mean(hits[d])) * 100, float(np.mean(reference[d])) * 100, gain.gain,
+                                                    gain.low, gain.high, gap_reading(gain), f'{d} R@1' not in failed])))
+    return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
+
+# %% ../nbs/16_claims.ipynb #b82ff2ab
+def reconstruction_note(with_ingredient: tuple,   # (name, summary) of the model with the ingredient; summary: `reproduce.PretrainingSummary`
+                        without: tuple,           # (name, summary) of the model without it
+                       ) -> str:                  # one Markdown line
+    "Both models' reconstruction losses (masked patches, last logged window of training) side by side, and their difference."
+    (a, sa), (b, sb) = with_ingredient, without
+    return (f"- Reconstruction loss at the end of training (masked patches, lower is better): {a} audio {sa.mae_loss_audio:.3f}, "
+            f"video {sa.mae_loss_video:.3f}; {b} audio {sb.mae_loss_audio:.3f}, video {sb.mae_loss_video:.3f} "
+            f"(with minus without: audio {sa.mae_loss_audio - sb.mae_loss_audio:+.3f}, video {sa.mae_loss_video - sb.mae_loss_video:+.3f})")
+
+def ablation_claim(claim: str,               # the claim, in words (see `CLAIMS`)
+                   hits_of: Callable,        # (evaluation name) -> {direction: (N,) R@1 hits}, e.g. `RetrievalRun.hits`
+                   reference: str,           # the model with the ingredient (the ablation's reference)
+                   variant: str,             # the same model trained without it, with the same budget
+                   summaries: dict | None = None,   # {name: PretrainingSummary}: their reconstruction losses are printed beside the verdict
+                   factors=(10.0, 5.0),      # chance factors: the reference, the variant
+                   seed: int = 0,
+                  ) -> ClaimVerdict:
+    "A trained ablation's claim: R@1 gain of the reference over the variant in both directions, both checked against chance, reconstruction losses beside it."
+    notes = [reconstruction_note((reference, summaries[reference]), (variant, summaries[variant]))] if summaries else []
+    return retrieval_claim(claim, (reference, hits_of(reference)), (variant, hits_of(variant)), factors, seed, notes)
+
+# %% ../nbs/16_claims.ipynb #68a0a225
+ARROWS = {'audio_to_video': 'a→v', 'video_to_audio': 'v→a'}
+
+def _label(variant: str, strategy: str, reference: str) -> str:
+    "A variant's short name: its strategy when it is the reference read another way, else its name less the reference's prefix."
+    if variant == reference: return strategy
+    return variant[len(reference) + 2:] if variant.startswith(f'{reference}, ') else variant
+
+def ablation_lines(table: pd.DataFrame,   # `ablation_table`
+                  ) -> list:              # Markdown lines, one per variant
+    "One line per variant: both R@1 per direction, the change with its paired 95% interval, and how it reads."
+    keys = ['ablation', 'variant', 'strategy', 'reference', 'reference strategy']
+    lines = []
+    for (group, variant, strategy, reference, reference_strategy), part in table.groupby(keys, sort=False):
+        gaps = '; '.join(f"{ARROWS[r['direction']]} {r['R@1']:.1f}% vs {r['reference R@1']:.1f}% ({r['gain']:+.1f} points, 95% "
+                         f"[{r['gain 95% low']:+.1f}, {r['gain 95% high']:+.1f}]: {r['reading']}{'' if r['variant left chance'] else ', at chance'})"
+                         for _, r in part.iterrows())
+        against = reference if reference_strategy == 'diagonal_mean' else f'{reference} ({reference_strategy})'
+        lines.append(f"- {group}: {_label(variant, strategy, reference)} vs {against}: {gaps}")
+    return lines
+
+def plot_ablations(table: pd.DataFrame,   # `ablation_table`
+                  ):                      # a matplotlib Figure
+    "One panel per ablation: each variant's R@1 minus its reference's with the paired 95% interval, a marker per direction."
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys(table['ablation']))
+    if not groups: raise ValueError("plot_ablations: the ablation table is empty")
+    columns = min(3, len(groups))
+    rows_of_panels = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.2 * columns, 0.4 + 2.6 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(groups):]: ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups):
+        part = table[table['ablation'] == group]
+        variants = list(dict.fromkeys(zip(part['variant'], part['strategy'], part['reference'])))
+        for i, direction in enumerate(DIRECTIONS):
+            rows = part[part['direction'] == direction].set_index(['variant', 'strategy', 'reference']).loc[variants]
+            errors = np.clip([rows['gain'] - rows['gain 95% low'], rows['gain 95% high'] - rows['gain']], 0, None)   # (2, V)
+            ax.errorbar(rows['gain'], np.arange(len(variants)) + (i - 0.5) * 0.3, xerr=errors, fmt='os'[i], capsize=3, label=ARROWS[direction])
+        ax.axvline(0, color='grey', lw=0.8)
+        ax.set_ylim(len(variants) - 0.4, -0.6)                                # the first variant on top
+        ax.set_yticks(np.arange(len(variants)), [_label(*v) for v in variants], fontsize=8)
+        reference, reference_strategy = variants[0][2], part['reference strategy'].iloc[0]
+        ax.set_title(f'{group}\nvs {reference}' + ('' if reference_strategy == 'diagonal_mean' else f' ({reference_strategy})'), fontsize=9)
+        ax.set_xlabel('R@1 change (points), 95% interval', fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/16_claims.ipynb #c0caaf93
 def paper_match(side: pd.DataFrame,   # `retrieval.paper_side_by_side` of real data: 'direction', 'metric', 'ours', 'ours - paper', ...

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_reproduce.ipynb #15f15bc2
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, tempfile
+import contextlib, dataclasses, hashlib, json, math, os, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +188,7 @@ _TEST_SIZES = {
     'common': dict(num_train=48, num_test=12, train_steps=6, train_batch_size=8, batch_size=4, num_workers=0,
                    pretrain_overrides={'eval_data': ''}, progress=False),
     'retrieval': {},
-    'classification': dict(probe_epochs=10, finetune_epochs=1, finetune_batch_size=8, include_random_init=False),
+    'classification': dict(probe_epochs=10, finetune_epochs=1, finetune_batch_size=8),
     'localization': dict(grid_clips=2, grid_frames=3),
     'ablations': dict(variants={'window 128': {'audio_length': 128}}, eval_frames=[1, 16]),
 }
@@ -283,7 +283,8 @@ def testbed_checkpoints(root,                    # the testbed folder (train.jso
     checkpoints = {}
     for name, (kind, fields) in models.items():
         model = {'model': dataclasses.replace(tiny_pretrain_config(kind, root, **overrides).model, **fields)} if fields else {}
-        with cache_lock('models'):      # another notebook training the same model at once: wait, then read it from the cache
+        same_model = json.dumps([Path(root).name, kind, fields, steps, batch_size, seed, overrides], sort_keys=True, default=str)
+        with cache_lock('model-' + hashlib.sha256(same_model.encode()).hexdigest()[:12]):   # another notebook training this model: wait, then read it
             checkpoints[name] = pretrained_tiny(kind, root, steps=steps, batch_size=batch_size, seed=seed, evaluations=evaluations, max_minutes=max_minutes,
                                                 progress=progress, **overrides, **model)
     return checkpoints
