@@ -20,8 +20,8 @@ from .config import (MediaError, SAMPLE_RATE, NUM_MEL_BINS, TARGET_LENGTH, AUDIO
 
 # %% auto #0
 __all__ = ['LOG_FLOOR', 'START_OFFSET_TOLERANCE', 'mel_scale', 'mel_filterbank', 'mel_center_frequencies', 'kaldi_fbank',
-           'stream_start_offset', 'load_audio', 'clip_fbank', 'clip_spectrogram', 'window_bounds', 'frame_windows',
-           'AudioStats', 'audio_stats']
+           'stream_start_offset', 'load_audio', 'clip_fbank', 'clip_spectrogram', 'window_centres', 'window_bounds',
+           'frame_windows', 'AudioStats', 'audio_stats']
 
 # %% ../nbs/01_audio.ipynb #1e258908
 def mel_scale(freq):
@@ -220,6 +220,12 @@ def clip_spectrogram(waveform: torch.Tensor,    # (N,) or (1, N) samples at samp
     return (clip_fbank(waveform, sample_rate, target_length, num_mel_bins) - mean) / std
 
 # %% ../nbs/01_audio.ipynb #3820b4ab
+def window_centres(num_spectrogram_frames: int,  # S: frames of the spectrogram
+                   num_frames: int = NUM_FRAMES,  # T: video frames
+                  ) -> torch.Tensor:             # (T,) int64 spectrogram frame each frame's window is centred on
+    "Centre of each video frame's window before it is kept inside the spectrogram: round(t * S / T) (Python round: half to even)."
+    return torch.tensor([round(t * num_spectrogram_frames / num_frames) for t in range(num_frames)], dtype=torch.long)
+
 def window_bounds(num_spectrogram_frames: int,  # S: frames of the spectrogram
                   num_frames: int = NUM_FRAMES,  # T: video frames
                   window: int = WINDOW,          # L: spectrogram frames per window
@@ -229,8 +235,7 @@ def window_bounds(num_spectrogram_frames: int,  # S: frames of the spectrogram
     if T <= 0 or L <= 0: raise ValueError(f"num_frames and window must be positive, got num_frames={T}, window={L}")
     if L > S: raise ValueError(f"window of {L} frames is longer than the spectrogram's {S} frames")
     bounds = []
-    for t in range(T):
-        centre = round(t * S / T)                 # Python round: half to even
+    for centre in window_centres(S, T).tolist():
         start = max(0, centre - L // 2)
         end = start + L
         if end > S: start, end = max(0, S - L), S

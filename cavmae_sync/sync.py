@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MediaError, PreprocessConfig, data_dir
-from .audio import clip_spectrogram, load_audio
+from .audio import clip_spectrogram, load_audio, window_centres
 from .data import FBANK_SHIFT_SECONDS, read_clip_frames, read_clip_audio
 from .video import check_media_file, eval_transform, write_video
 from .embeddings import model_preprocess_config, evaluation_autocast
@@ -67,7 +67,7 @@ def zero_centres(frame_times,                # (T,) seconds of each frame from t
     if zero != 'model': raise ValueError(f"zero must be one of {ZERO_REFERENCES}, got {zero!r}")
     T = len(times)
     if T != config.num_frames: raise ValueError(f"zero='model' needs the model's {config.num_frames} frames, got {T}")
-    return torch.tensor([round(t * config.target_length / T) for t in range(T)], dtype=torch.long)   # (T,) window_bounds' centres, unclamped
+    return window_centres(config.target_length, T)                                   # (T,) window_bounds' centres, unclamped
 
 @dataclass
 class WindowBank:

@@ -9,23 +9,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import IMAGENET_MEAN, IMAGENET_STD
+from .video import unnormalize
 from .audio import clip_spectrogram
 from .embeddings import clip_loader, evaluation_autocast
 import pandas as pd
 from .localization import similarity_maps, localization_scores, overlay
 from .metrics import above_chance, paired_bootstrap
-from .synthetic import SyntheticConfig, class_waveform
+from .synthetic import SyntheticConfig, class_waveform, class_window
 
 # %% auto #0
-__all__ = ['AUDIO_QUERIES', 'VERDICT_AUDIO_QUERY', 'FrameMaps', 'frame_maps', 'pointing_hits', 'brightness_maps', 'ScoredFrames',
-           'scored_frames', 'SwapTest', 'class_audio', 'swap_test', 'LocalizationEvidence', 'localization_evidence',
-           'localization_table', 'plot_frame_maps']
+__all__ = ['AUDIO_QUERIES', 'VERDICT_AUDIO_QUERY', 'audio_queries', 'FrameMaps', 'frame_maps', 'pointing_hits', 'brightness_maps',
+           'ScoredFrames', 'scored_frames', 'SwapTest', 'class_audio', 'swap_test', 'LocalizationEvidence',
+           'localization_evidence', 'localization_table', 'plot_frame_maps']
 
 # %% ../nbs/11a_testbed_localization.ipynb #c5438995
 AUDIO_QUERIES = {'global': 'audio global token vs visual patch tokens',
                  'patch_mean': 'mean-pooled audio patch tokens vs visual patch tokens'}
 VERDICT_AUDIO_QUERY = 'global'     # fixed before running: the embedding the model retrieves with
+
+def audio_queries(heard) -> dict:
+    "{definition: (N, D) audio vector} of an `encode_audio` output, for every definition in AUDIO_QUERIES."
+    return {'global': heard.embedding, 'patch_mean': heard.tokens.mean(1)}     # (N, D) each
 
 @dataclass
 class FrameMaps:
@@ -50,7 +54,6 @@ def frame_maps(model,                       # a `CAVMAESync` model
                num_workers: int = 0,        # DataLoader processes decoding clips
                device=None,                 # default: the model's device
                precision: str = 'fp16',     # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
-               audio_windows=None,          # callable(batch) -> (B, T, L, mel) audio to use instead of the clips' own (swap test)
               ) -> FrameMaps:
     "Maps of every frame of `clips` for each definition in AUDIO_QUERIES."
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -61,14 +64,13 @@ def frame_maps(model,                       # a `CAVMAESync` model
     try:
         for batch in clip_loader(clips, batch_size, num_workers):
             if batch['skipped']: raise ValueError(f"frame_maps: clips at positions {batch['skipped']} could not be loaded")
-            audio = audio_windows(batch) if audio_windows is not None else batch['audio']   # (B, T, L, mel)
-            frames = batch['frames']                                                          # (B, T, 3, H, W)
+            audio, frames = batch['audio'], batch['frames']                                  # (B, T, L, mel), (B, T, 3, H, W)                                                          # (B, T, 3, H, W)
             B, T = frames.shape[:2]
             with evaluation_autocast(device, precision):
                 tokens = model.encode_video(frames.flatten(0, 1).to(device)).tokens          # (B*T, Nv, D)
                 windows = audio[:, 0] if whole_clip else audio.flatten(0, 1)                  # (B, L, mel) or (B*T, L, mel)
                 heard = model.encode_audio(windows.to(device))
-            for query, vector in (('global', heard.embedding), ('patch_mean', heard.tokens.mean(1))):   # (B or B*T, D)
+            for query, vector in audio_queries(heard).items():                                # (B or B*T, D)
                 if whole_clip: vector = vector[:, None].expand(B, T, -1).flatten(0, 1)          # (B*T, D)
                 maps[query].append(similarity_maps(vector.float(), tokens.float(), size=size).cpu())   # (B*T, S, S)
             clip_index.append(np.repeat(np.asarray(batch['positions']), T)); frame_index.append(np.tile(np.arange(T), B))
@@ -90,9 +92,7 @@ def brightness_maps(frames: torch.Tensor,   # (M, 3, h, w) ImageNet-normalized f
                     size: int,              # side of the masks
                    ) -> torch.Tensor:       # (M, S, S) brightness in 0..1
     "The audio-free control map: pixel brightness (mean of R, G, B), resized like the models' maps."
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    rgb = frames.float() * std + mean                                        # (M, 3, h, w) in 0..1
+    rgb = unnormalize(frames.float())                                        # (M, 3, h, w) in 0..1
     return F.interpolate(rgb.mean(1, keepdim=True), size=(size, size), mode='bilinear', align_corners=False)[:, 0]   # (M, S, S)
 
 # %% ../nbs/11a_testbed_localization.ipynb #945109d0
@@ -163,11 +163,9 @@ def class_audio(class_index: int,       # testbed class whose sound is played
                ) -> torch.Tensor:       # (length, 128) normalized fbank
     "The model's audio input while `class_index` sounds throughout (the middle `length` frames of a clip-long sound)."
     config = config or SyntheticConfig()
-    clip_frames = int(round(config.duration * 100))                            # 10 ms fbank hop
-    spectrogram = clip_spectrogram(torch.from_numpy(class_waveform(class_index, config)), config.sample_rate,
-                                   target_length=max(length, clip_frames))     # (max(length, clip_frames), 128)
-    start = (clip_frames - length) // 2 if length < clip_frames else 0
-    return spectrogram[start:start + length]
+    if length <= int(round(config.duration * 100)): return class_window(class_index, length, config)   # 10 ms fbank hop
+    # a model that takes more frames than the clip has (CAV-MAE's 1024): the whole sound, padded as clips are
+    return clip_spectrogram(torch.from_numpy(class_waveform(class_index, config)), config.sample_rate, target_length=length)
 
 @torch.inference_mode()
 def swap_test(model,                       # a `CAVMAESync` model
@@ -198,7 +196,7 @@ def swap_test(model,                       # a `CAVMAESync` model
             with evaluation_autocast(device, precision):
                 tokens = model.encode_video(kept_frames[rows].to(device)).tokens   # (b, Nv, D)
                 heard = model.encode_audio(audio.to(device))
-            vector = heard.embedding if audio_query == 'global' else heard.tokens.mean(1)   # (b, D)
+            vector = audio_queries(heard)[audio_query]                                # (b, D)
             maps.append(similarity_maps(vector.float(), tokens.float(), size=size).cpu())   # (b, S, S)
     finally: model.train(was_training)
     maps = torch.cat(maps)                                                       # (K', S, S)
