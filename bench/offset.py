@@ -10,8 +10,8 @@ CAV-MAE Sync (the cost does not depend on the weights).
 
 Accuracy (--accuracy): held-out clips of the testbed the cached model was trained on (read from its config.json; the
 default testbed otherwise) shifted by -1.0 .. +1.0 s; target: median absolute error <= 0.2 s with the tiny model
-`cavmae_sync.testbed.pretrained_tiny()` trained (it must be cached: this script never trains; run
-`python -c "from cavmae_sync.testbed import pretrained_tiny; print(pretrained_tiny())"` once, ~10 min on 2 cores).
+`cavmae_sync.testbed.pretrained_tiny()` (shipped in checkpoints/testbed, or cached under data/models; this script
+never trains).
 Three estimators are reported: the default (offset 0 = the model's training pairing, a bank of windows every 0.16 s
 read by interpolation), the same measured from the frames' presentation times (`zero='frames'`), and the exact
 computation (`bank_step=0.01`); with the median signed error (bias), the median absolute error per shift and the

@@ -8,9 +8,8 @@ compared with float32 ones on the first 10,000 clips (max abs difference, and wh
     python bench/search.py [--clips 100000] [--frames 16] [--dim 768] [--threads 2] [--repeats 5] [-k 10]
 
 With --own-audio, also: how often a clip's own audio finds the clip first among held-out clips (issue 13's check), on the
-test clips of the default testbed (or --folder) indexed with --checkpoint or the cached tiny testbed model (this script
-never trains: `python -c "from cavmae_sync.testbed import pretrained_tiny; print(pretrained_tiny())"` once, ~10 min on 2
-cores). The query is each clip's sound (its T windows, exactly what `cavmae-sync-search --audio CLIP` embeds), ranked
+test clips of the default testbed (or --folder) indexed with --checkpoint or the tiny testbed model shipped in checkpoints/testbed (or
+cached by `cavmae_sync.testbed.pretrained_tiny`; this script never trains). The query is each clip's sound (its T windows, exactly what `cavmae-sync-search --audio CLIP` embeds), ranked
 against every clip's frames; reported as R@1 / R@5 (%) under random tie order, with chance (100 / N).
 Prints one JSON object.
 """

@@ -19,11 +19,12 @@ from .config import NUM_MEL_BINS, NUM_FRAMES, TARGET_LENGTH, atomic_file
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, CAVMAESyncEncoder
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'strip_prefix', 'safe_load', 'OfficialLayout', 'count_blocks',
+__all__ = ['CHECKPOINT_FORMAT', 'COMPACT_KEEP', 'CheckpointError', 'strip_prefix', 'safe_load', 'OfficialLayout', 'count_blocks',
            'infer_official_config', 'check_state_dict', 'file_sha256', 'describe_architecture', 'load_official',
            'Checkpoint', 'unwrap_model', 'atomic_torch_save', 'save_checkpoint', 'is_our_format',
            'checkpoint_from_payload', 'load_checkpoint', 'convert_trusted_checkpoint', 'capture_rng_state',
-           'restore_rng_state', 'load_model_file', 'holds_classifier', 'ImageNetInit', 'init_from_imagenet_mae']
+           'restore_rng_state', 'compact_checkpoint', 'load_model_file', 'holds_classifier', 'ImageNetInit',
+           'init_from_imagenet_mae']
 
 # %% ../nbs/06_checkpoint.ipynb #032c291f
 class CheckpointError(ValueError):
@@ -209,7 +210,9 @@ class Checkpoint:
         classes = {'CAVMAESync': CAVMAESync, 'CAVMAESyncClassifier': CAVMAESyncClassifier}
         if self.model_class not in classes: raise CheckpointError(f"{self.path}: unknown model class {self.model_class!r}")
         cls = classes[self.model_class]
-        weights = {k: v.clone() for k, v in self.state_dict.items()}     # two builds must not share tensors
+        # two builds must not share tensors; weights stored in half precision (`compact_checkpoint`) are widened back to float32,
+        # the precision every model trains and runs its parameters in (autocast computes in bf16/fp16 from float32 parameters)
+        weights = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v.clone() for k, v in self.state_dict.items()}
         try: model = _build_and_assign(lambda: cls(self.config, **self.model_kwargs), weights)
         except CheckpointError as e: raise CheckpointError(f"{self.path}: {e}") from None
         return model.to(device)
@@ -313,6 +316,24 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
     torch.random.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+
+# %% ../nbs/06_checkpoint.ipynb #c11756cd
+COMPACT_KEEP = ('step', 'train_config')   # the training state a compact checkpoint keeps: what documents the run
+
+def compact_checkpoint(path,       # a checkpoint written by `save_checkpoint` (e.g. a run's model.pt)
+                       new_path,   # where the compact copy goes (never over `path`)
+                      ) -> Path:
+    "A copy of `path` with float32 weights stored as float16 and only `COMPACT_KEEP` of its training state (for shipping trained models)."
+    path, new_path = Path(path), Path(new_path)
+    if path.resolve() == new_path.resolve(): raise ValueError(f"{new_path}: write the compact copy to a new file, keep {path}")
+    ckpt = load_checkpoint(path)
+    too_large = [k for k, v in ckpt.state_dict.items() if v.dtype == torch.float32 and v.abs().max() > torch.finfo(torch.float16).max]
+    if too_large: raise CheckpointError(f"{path}: tensors {too_large} exceed the float16 range; keep this checkpoint in float32")
+    weights = {k: v.half() if v.dtype == torch.float32 else v for k, v in ckpt.state_dict.items()}
+    state = {k: ckpt.training_state[k] for k in COMPACT_KEEP if k in ckpt.training_state} | {'stored_precision': 'float16'}
+    payload = {'format': CHECKPOINT_FORMAT, 'config': ckpt.config.to_dict(), 'model_class': ckpt.model_class,
+               'model_kwargs': ckpt.model_kwargs, 'state_dict': weights, 'training_state': state}
+    return atomic_torch_save(payload, new_path)
 
 # %% ../nbs/06_checkpoint.ipynb #ef44b560
 def load_model_file(path,                        # a cavmae_sync checkpoint (.pt) or released official weights (.pth)

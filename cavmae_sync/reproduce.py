@@ -246,7 +246,8 @@ def pretraining_summary(checkpoint) -> PretrainingSummary:
     if log.empty or missing: raise ValueError(f"{run / 'train_log.csv'}: no logged steps" if log.empty else f"{run / 'train_log.csv'}: columns {sorted(missing)} missing")
     micro_batch = record.get('derived', {}).get('micro_batch') or record['config']['batch_size']
     steps = int(log['step'].iloc[-1])
-    return PretrainingSummary(steps, steps * int(record['config']['batch_size']), float(log['time'].iloc[-1]) / 60,
+    session_ends = log['time'][log['time'].shift(-1, fill_value=-1.0) < log['time']]   # `time` restarts at 0 when a stopped run resumes
+    return PretrainingSummary(steps, steps * int(record['config']['batch_size']), float(session_ends.sum()) / 60,
                               float(log['contrastive_loss'].iloc[0]), float(log['contrastive_loss'].iloc[-1]), math.log(micro_batch),
                               float(log['mae_loss_audio'].iloc[-1]), float(log['mae_loss_video'].iloc[-1]))
 
@@ -273,12 +274,13 @@ def testbed_checkpoints(root,                    # the testbed folder (train.jso
                         steps: int,              # optimizer steps of every model (the budget, equal for all)
                         batch_size: int = 32,    # clips per step
                         seed: int = 0,           # one seed for every model
-                        evaluations: int = 3,    # held-out retrieval evaluations during each run (the learning curve)
+                        evaluations: int = 5,    # held-out retrieval evaluations during each run (the learning curve)
                         max_minutes: float | None = None,   # a guard per model: past it, stop and warn (a later call resumes)
+                        retrain: bool = False,   # True: train every model on this machine, never the shipped ones (`testbed.SHIPPED_DIR`)
                         progress: bool = False,
                         **overrides,             # other PretrainConfig fields of every model (part of their cache key)
                        ) -> dict:                # {name: checkpoint path}
-    "Checkpoints of the compared tiny models, all trained with the same step budget, batch size and seed."
+    "Checkpoints of the compared tiny models, all trained with the same step budget, batch size and seed (the shipped ones where the repository has them)."
     from cavmae_sync.testbed import pretrained_tiny, tiny_pretrain_config
     checkpoints = {}
     for name, (kind, fields) in models.items():
@@ -286,5 +288,5 @@ def testbed_checkpoints(root,                    # the testbed folder (train.jso
         same_model = json.dumps([Path(root).name, kind, fields, steps, batch_size, seed, overrides], sort_keys=True, default=str)
         with cache_lock('model-' + hashlib.sha256(same_model.encode()).hexdigest()[:12]):   # another notebook training this model: wait, then read it
             checkpoints[name] = pretrained_tiny(kind, root, steps=steps, batch_size=batch_size, seed=seed, evaluations=evaluations, max_minutes=max_minutes,
-                                                progress=progress, **overrides, **model)
+                                                retrain=retrain, progress=progress, **overrides, **model)
     return checkpoints

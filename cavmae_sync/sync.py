@@ -399,13 +399,17 @@ def offset_summary(table: pd.DataFrame) -> dict:
             'within_0.2s': float((errors <= 0.2 + 1e-9).mean()) if len(errors) else None}
 
 def cached_tiny_model(kind: str = 'sync') -> Path | None:
-    "The most-trained tiny model `testbed.pretrained_tiny` cached under `data_dir()/models/`, or None (nothing is trained here)."
+    """The most-trained tiny model of the default recipe (no ablation variant) that `testbed.pretrained_tiny` cached under
+    `data_dir()/models/` or the repository ships in `testbed.SHIPPED_DIR`, or None (nothing is trained here)."""
+    from cavmae_sync.testbed import SHIPPED_DIR, tiny_pretrain_config
+    recipe = tiny_pretrain_config(kind, data_root=data_dir()).model.to_dict()
     found = []
-    for path in (data_dir() / 'models').glob(f'tiny_{kind}_*/model.pt'):
-        try: steps = json.loads((path.parent / 'config.json').read_text())['config'].get('max_steps') or 0
-        except (OSError, ValueError, KeyError, TypeError): steps = 0
-        found.append((steps, path.stat().st_mtime, path))
-    return max(found)[2] if found else None
+    for path in [*(data_dir() / 'models').glob(f'tiny_{kind}_*/model.pt'), *SHIPPED_DIR.glob(f'tiny_{kind}_*/model.pt')]:
+        try: config = json.loads((path.parent / 'config.json').read_text())['config']
+        except (OSError, ValueError, KeyError, TypeError): continue
+        if config.get('model') != recipe: continue            # a variant (no registers, another window, ...)
+        found.append((config.get('max_steps') or 0, path.stat().st_mtime, str(path)))
+    return Path(max(found)[2]) if found else None
 
 # %% ../nbs/13_sync.ipynb #55c75051
 def resolve_checkpoint(checkpoint=None) -> Path:
@@ -416,10 +420,10 @@ def resolve_checkpoint(checkpoint=None) -> Path:
         return path
     cached = cached_tiny_model('sync')
     if cached is None:
-        raise FileNotFoundError(f"no --checkpoint given and no tiny model is cached under {data_dir() / 'models'}: pass --checkpoint FILE "
+        raise FileNotFoundError(f"no --checkpoint given, no tiny model shipped in checkpoints/testbed and none cached under {data_dir() / 'models'}: pass --checkpoint FILE "
                                 "(a cavmae_sync checkpoint or the released weights), or train the tiny testbed model once with "
                                 "python -c \"from cavmae_sync.testbed import pretrained_tiny; print(pretrained_tiny())\" (about 10 minutes on 2 CPU cores)")
-    print(f'using the cached tiny testbed model {cached} (trained on synthetic clips: only meaningful on them)', file=sys.stderr)
+    print(f'using the tiny testbed model {cached} (trained on synthetic clips: only meaningful on them)', file=sys.stderr)
     return cached
 
 def offset_cli(argv: list[str] | None = None):

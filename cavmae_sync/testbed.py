@@ -4,15 +4,16 @@
 
 # %% ../nbs/08e_testbed.ipynb #69a7a68c
 from __future__ import annotations
-import dataclasses, hashlib, json, math, warnings
+import dataclasses, hashlib, json, math, os, shutil, warnings
 from pathlib import Path
 
-from .config import data_dir
+from .config import data_dir, project_root
 from .train_config import PretrainConfig, model_preset
 from .pretraining import pretrain
 
 # %% auto #0
-__all__ = ['tiny_pretrain_config', 'measure_pretraining', 'pretrained_tiny']
+__all__ = ['SHIPPED_DIR', 'RUN_ONLY_SETTINGS', 'SHIPPED_FILES', 'tiny_pretrain_config', 'measure_pretraining',
+           'datafile_identity', 'run_identity', 'run_name', 'pretrained_tiny', 'ship_checkpoint']
 
 # %% ../nbs/08e_testbed.ipynb #968f300a
 def tiny_pretrain_config(kind: str = 'sync',      # 'sync': tiny CAV-MAE Sync; 'cavmae': the tiny CAV-MAE baseline
@@ -52,17 +53,51 @@ def measure_pretraining(config: PretrainConfig,   # the run to time (its data, m
     seconds = float((timed['step'].diff().fillna(1) * config.batch_size / timed['samples_per_s']).sum())
     return {'samples_per_s': steps * config.batch_size / seconds, 'seconds_per_step': seconds / steps}
 
+SHIPPED_DIR = project_root() / 'checkpoints' / 'testbed'   # the testbed models that come with the repository (`ship_checkpoint`)
+# settings that say where or how a run goes, not what it computes: not part of a model's identity
+RUN_ONLY_SETTINGS = ('output_dir', 'progress', 'resume', 'num_workers', 'max_minutes', 'stop_after_steps')
+
+def datafile_identity(path) -> str:
+    """Digest of a datafile JSON that does not depend on where the data set lies: its clips and labels, each media path
+    relative to the datafile's folder, and the generator's parameters (params.json beside it, if any, without its location)."""
+    path = Path(path)
+    folder = path.resolve().parent
+    def relative(media):                                   # a clip inside the data set's folder: its path there; outside: as written
+        try: return Path(media).resolve().relative_to(folder).as_posix()
+        except ValueError: return str(media)
+    try: entries = json.loads(path.read_text())['data']
+    except (OSError, ValueError, KeyError, TypeError) as e: raise ValueError(f"{path}: not a readable datafile JSON ({e})") from None
+    clips = [{k: relative(v) if k in ('wav', 'video_path') else v for k, v in entry.items()} for entry in entries]
+    params = folder / 'params.json'
+    generator = {k: v for k, v in json.loads(params.read_text()).items() if k != 'root'} if params.is_file() else {}
+    return hashlib.sha256(json.dumps([clips, generator], sort_keys=True).encode()).hexdigest()[:16]
+
+def run_identity(config: PretrainConfig) -> dict:
+    "What a tiny model's cache key hashes: every setting that changes the model and the data's location-free digests, not where or how it runs."
+    identity = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_SETTINGS + ('train_data', 'eval_data', 'label_csv')}
+    identity.update(train=datafile_identity(config.train_data), eval=datafile_identity(config.eval_data) if config.eval_data else '',
+                    labels=_file_digest(config.label_csv) if config.label_csv else '')
+    return identity
+
+def run_name(kind: str,                  # 'sync' or 'cavmae'
+             config: PretrainConfig,     # the run's settings
+            ) -> str:
+    "The folder name of a tiny model's run: `tiny_<kind>_<first 12 hex digits of the identity's SHA-256>`, the same on every machine."
+    return f"tiny_{kind}_{hashlib.sha256(json.dumps(run_identity(config), sort_keys=True, default=str).encode()).hexdigest()[:12]}"
+
 def pretrained_tiny(kind: str = 'sync',                 # 'sync' or 'cavmae'
                     data_root=None,                     # data set folder (default: the synthetic testbed)
-                    steps: int = 600,                   # optimizer steps of the whole schedule (the budget: the same for every compared model)
+                    steps: int = 1500,                  # optimizer steps of the whole schedule (the budget: the same for every compared model)
                     batch_size: int = 32,               # samples per optimizer step (the lr is given at batch 32 and scales linearly)
                     seed: int = 0,                      # seeds initialization, sample order, frame choice and masking
-                    evaluations: int = 3,               # held-out retrieval evaluations, evenly spread (the last after the last step)
+                    evaluations: int = 5,               # held-out retrieval evaluations, evenly spread (the last after the last step)
                     max_minutes: float | None = None,   # guard only: past it training stops with a checkpoint and a warning; a later call resumes
+                    retrain: bool = False,              # True: never the shipped model; the one trained on this machine (trained now if not cached)
                     progress: bool = True,
                     **overrides,                        # other PretrainConfig fields (part of the cache key)
                    ) -> Path:
-    "Checkpoint of a tiny model pretrained on `data_root` for `steps` steps of `batch_size`, trained once and cached under `data_dir()/models/`."
+    """Checkpoint of a tiny model pretrained on `data_root` for `steps` steps of `batch_size`: the shipped one in `SHIPPED_DIR`
+    when the repository has this very run (same identity), else trained once and cached under `data_dir()/models/`."""
     for name, value in (('steps', steps), ('batch_size', batch_size), ('evaluations', evaluations)):
         if not isinstance(value, int) or value <= 0: raise ValueError(f"pretrained_tiny: {name} must be a positive int, got {value!r}")
     if evaluations > steps: raise ValueError(f"pretrained_tiny: evaluations={evaluations} is more than steps={steps}")
@@ -70,15 +105,14 @@ def pretrained_tiny(kind: str = 'sync',                 # 'sync' or 'cavmae'
     if 'minutes' in overrides:
         raise ValueError("pretrained_tiny: the budget is steps= and batch_size= now, the same on every machine (minutes= was a time budget); "
                          "max_minutes= remains as a guard only")
-    for name in ('max_steps', 'output_dir', 'resume', 'max_minutes', 'eval_every'):
+    for name in ('max_steps', 'output_dir', 'resume', 'max_minutes', 'eval_every', 'stop_after_steps'):
         if name in overrides: raise ValueError(f"pretrained_tiny sets {name} itself; pass steps / evaluations / max_minutes instead")
     config = tiny_pretrain_config(kind, data_root, progress=progress, batch_size=batch_size, seed=seed, max_steps=steps,
                                   eval_every=math.ceil(steps / evaluations), **overrides)
-    # the key: every setting that changes the model (steps, batch, seed, the recipe) and the data's digests; not where or how it runs
-    identity = {k: v for k, v in config.to_dict().items() if k not in ('output_dir', 'progress', 'resume', 'num_workers', 'max_minutes')}
-    identity.update(train=_file_digest(config.train_data), eval=_file_digest(config.eval_data) if config.eval_data else '')
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    out = data_dir() / 'models' / f'tiny_{kind}_{key}'
+    name = run_name(kind, config)
+    shipped = SHIPPED_DIR / name / 'model.pt'
+    if not retrain and shipped.is_file(): return shipped
+    out = data_dir() / 'models' / name
     if (out / 'model.pt').is_file(): return out / 'model.pt'
     config = dataclasses.replace(config, output_dir=str(out), resume='last', max_minutes=float(max_minutes or 0))
     result = pretrain(config)
@@ -86,3 +120,32 @@ def pretrained_tiny(kind: str = 'sync',                 # 'sync' or 'cavmae'
         warnings.warn(f"{out}: stopped by max_minutes={max_minutes} at step {result.steps} of {result.total_steps}; "
                       "call pretrained_tiny again with the same arguments to finish the schedule")
     return result.checkpoint_path
+
+
+# %% ../nbs/08e_testbed.ipynb #37dcd0c7
+SHIPPED_FILES = ('model.pt', 'config.json', 'train_log.csv', 'eval_log.csv', 'identity.json')   # what a shipped model's folder holds
+
+def ship_checkpoint(model_file,         # a finished run's model.pt, as `pretrained_tiny` returns it
+                    kind: str,          # the recipe it was asked for: 'sync' or 'cavmae' (part of its name)
+                    dest=None,          # folder of shipped models (None: `SHIPPED_DIR`)
+                   ) -> Path:
+    "Copy a finished tiny run into `dest/<run_name>/`: compact weights, its config, logs and identity; the shipped model.pt."
+    from cavmae_sync.checkpoint import compact_checkpoint, load_checkpoint
+    from cavmae_sync.train_config import load_config
+    run, dest = Path(model_file).parent, Path(dest or SHIPPED_DIR)
+    missing = [n for n in SHIPPED_FILES if n != 'identity.json' and not (run / n).is_file()]
+    if missing: raise FileNotFoundError(f"{run}: a finished run has {missing}; this one does not (not a pretrained_tiny run, or unfinished)")
+    config = load_config(run / 'config.json', PretrainConfig)
+    step = load_checkpoint(model_file).training_state.get('step')
+    if step != config.max_steps: raise ValueError(f"{model_file}: step {step}, but its schedule has {config.max_steps} steps: ship finished runs only")
+    name = run_name(kind, config)
+    target = dest / name
+    partial = dest / f'.{name}.partial'
+    if partial.exists(): shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    compact_checkpoint(model_file, partial / 'model.pt')
+    for file in ('config.json', 'train_log.csv', 'eval_log.csv'): shutil.copyfile(run / file, partial / file)
+    (partial / 'identity.json').write_text(json.dumps(run_identity(config), indent=1, sort_keys=True, default=str) + '\n')
+    if target.exists(): shutil.rmtree(target)
+    os.replace(partial, target)                 # all files or none under the name pretrained_tiny looks for
+    return target / 'model.pt'

@@ -257,7 +257,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 # settings that may differ when a run is resumed: they do not change what is computed
 RESUME_FREE_SETTINGS = ('output_dir', 'resume', 'num_workers', 'cache', 'cache_max_gb', 'checkpoint_every', 'log_every', 'eval_every',
-                        'eval_clips', 'eval_batch_size', 'eval_data', 'max_minutes', 'progress', 'tensorboard', 'compile', 'device',
+                        'eval_clips', 'eval_batch_size', 'eval_data', 'max_minutes', 'stop_after_steps', 'progress', 'tensorboard', 'compile', 'device',
                         'skip_errors', 'accumulation_steps', 'precision', 'grad_checkpointing')
 
 def _check_resume_config(saved: dict, config: TrainConfig, path):
@@ -476,17 +476,21 @@ def _fit_locked(config: TrainConfig, task: TrainTask, ctx: DistributedContext, o
             log.progress(1, loss=values['loss'], **({'acc': values['contrastive_accuracy']} if 'contrastive_accuracy' in values else {}),
                          lr=lr, **{'samples/s': f"{window_steps * config.batch_size / max(1e-9, time.time() - window_start):.1f}"})
             epoch_end, last_step = step % steps_per_epoch == 0, step == total_steps
-            if step % config.log_every == 0 or last_step or stop_for_time:
+            stop_for_steps = 0 < config.stop_after_steps <= step < total_steps    # a deterministic stop: the same step on every machine
+            if step % config.log_every == 0 or last_step or stop_for_time or stop_for_steps:
                 seconds = time.time() - window_start
                 log.train({'step': step, 'epoch': round(step / steps_per_epoch, 4), 'lr': lr,
                            **{k: v / window_steps for k, v in window.items()},
                            'samples_per_s': window_steps * config.batch_size / max(seconds, 1e-9), 'time': round(time.time() - started, 2)})
                 window, window_start, window_steps = {}, time.time(), 0
             if epoch_end and task.on_epoch_end: task.on_epoch_end(step // steps_per_epoch, model)
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or epoch_end or last_step or stop_for_time: checkpoint()
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or epoch_end or last_step or stop_for_time or stop_for_steps: checkpoint()
             if (step % config.eval_every == 0 if config.eval_every else epoch_end) or last_step: evaluate()
             if stop_for_time and not last_step:
                 log.message(f"stopped after {config.max_minutes} minutes at step {step}/{total_steps}; continue with --resume")
+                break
+            if stop_for_steps:
+                log.message(f"stopped at step {step}/{total_steps} (stop_after_steps={config.stop_after_steps}); continue with --resume")
                 break
         completed = step >= total_steps
         if completed: evaluate()                             # a no-op when the last step was just evaluated

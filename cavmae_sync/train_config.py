@@ -69,6 +69,7 @@ class TrainConfig:
     eval_clips: int = 200               # clips of eval_data used for the periodic evaluation (0 = all)
     eval_batch_size: int = 32           # clips per batch when evaluating
     max_minutes: float = 0.0            # stop after this much wall-clock time, with a checkpoint (0 = no limit)
+    stop_after_steps: int = 0           # stop after this many optimizer steps of the schedule, with a checkpoint (0 = run it all); --resume continues
     resume: str = ''                    # '' = start fresh (refuses a non-empty output_dir with checkpoints), 'last' = output_dir/last.pt, or a checkpoint path
     progress: bool = True               # show a progress bar (rank 0)
     tensorboard: bool = True            # write TensorBoard scalars to output_dir/tensorboard
@@ -88,6 +89,8 @@ class TrainConfig:
         if not 0 <= self.warmup_fraction < 1: raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
         if not 0 <= self.final_lr_fraction <= 1: raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.max_minutes < 0: raise ValueError("weight_decay, grad_clip and max_minutes must be >= 0")
+        if not isinstance(self.stop_after_steps, int) or self.stop_after_steps < 0:
+            raise ValueError(f"stop_after_steps must be an int >= 0, got {self.stop_after_steps!r}")
         choices = {'schedule': ('cosine', 'step'), 'optimizer': ('adamw', 'adam'), 'precision': ('auto', 'fp32', 'bf16', 'fp16'),
                    'cache': ('auto', 'memory', 'none')}
         for name, allowed in choices.items():

@@ -12,6 +12,7 @@ from cavmae_sync.checkpoint import save_checkpoint
 from cavmae_sync.model import CAVMAESync, tiny
 from cavmae_sync.embeddings import model_preprocess_config
 from cavmae_sync.config import PreprocessConfig
+from cavmae_sync import testbed
 from cavmae_sync.sync import (TimeCodedModel, av_offset, cached_tiny_model, decode_for_offset, offset_cli, offset_grid,
                               score_offsets, shift_waveform, time_coded_clip, window_bank, write_shifted_clip, num_fbank_frames,
                               zero_centres)
@@ -216,17 +217,27 @@ def test_cli(clips, tmp_path):
 
 def test_cli_without_checkpoint_never_trains(clips, tmp_path, monkeypatch):
     monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path / 'empty'))
+    monkeypatch.setattr(testbed, 'SHIPPED_DIR', tmp_path / 'none shipped')
     code, out, err = _cli([str(clips['clip'])])
     assert code == 2 and 'pretrained_tiny' in err and '--checkpoint' in err and out == ''
     assert not (tmp_path / 'empty').exists()                         # nothing generated, nothing trained
 
 
-def test_cached_tiny_model_picks_the_most_trained(tmp_path, monkeypatch):
+def test_cached_tiny_model_picks_the_most_trained_of_the_default_recipe(tmp_path, monkeypatch):
+    "Cached and shipped models compete on steps; an ablation variant (here: no registers) is never the default model."
     monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path))
+    monkeypatch.setattr(testbed, 'SHIPPED_DIR', tmp_path / 'shipped')
     assert cached_tiny_model() is None
-    for name, steps in (('tiny_sync_a', 34), ('tiny_sync_b', 900), ('tiny_cavmae_c', 5000)):
-        (tmp_path / 'models' / name).mkdir(parents=True)
-        (tmp_path / 'models' / name / 'model.pt').write_bytes(b'x')
-        (tmp_path / 'models' / name / 'config.json').write_text(json.dumps({'config': {'max_steps': steps}}))
+    recipe = {kind: testbed.tiny_pretrain_config(kind, data_root=tmp_path).model.to_dict() for kind in ('sync', 'cavmae')}
+    for folder, name, steps, model in (('models', 'tiny_sync_a', 34, recipe['sync']), ('models', 'tiny_sync_b', 900, recipe['sync']),
+                                       ('models', 'tiny_sync_c', 5000, {**recipe['sync'], 'num_registers': 0}),
+                                       ('models', 'tiny_cavmae_d', 5000, recipe['cavmae'])):
+        (tmp_path / folder / name).mkdir(parents=True)
+        (tmp_path / folder / name / 'model.pt').write_bytes(b'x')
+        (tmp_path / folder / name / 'config.json').write_text(json.dumps({'config': {'max_steps': steps, 'model': model}}))
     assert cached_tiny_model('sync') == tmp_path / 'models' / 'tiny_sync_b' / 'model.pt'
-    assert cached_tiny_model('cavmae') == tmp_path / 'models' / 'tiny_cavmae_c' / 'model.pt'
+    assert cached_tiny_model('cavmae') == tmp_path / 'models' / 'tiny_cavmae_d' / 'model.pt'
+    (tmp_path / 'shipped' / 'tiny_sync_e').mkdir(parents=True)
+    (tmp_path / 'shipped' / 'tiny_sync_e' / 'model.pt').write_bytes(b'x')
+    (tmp_path / 'shipped' / 'tiny_sync_e' / 'config.json').write_text(json.dumps({'config': {'max_steps': 1500, 'model': recipe['sync']}}))
+    assert cached_tiny_model('sync') == tmp_path / 'shipped' / 'tiny_sync_e' / 'model.pt'          # a fresh clone has the shipped one

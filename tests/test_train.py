@@ -175,3 +175,14 @@ def test_pretrained_tiny_refuses_a_time_budget_and_bad_sizes(clips):
     with pytest.raises(ValueError, match='evaluations=7 is more than steps=6'): testbed.pretrained_tiny('sync', clips, steps=6, evaluations=7)
     with pytest.raises(ValueError, match='batch_size must be a positive int'): testbed.pretrained_tiny('sync', clips, batch_size=0)
     with pytest.raises(ValueError, match='sets max_steps itself'): testbed.pretrained_tiny('sync', clips, max_steps=5)
+
+
+def test_stop_after_steps_stops_there_and_a_resume_matches_an_unbroken_run(clips, tmp_path):
+    "`stop_after_steps` stops at that step of an unchanged schedule, with a log row and a checkpoint; `--resume` finishes with the same losses."
+    full = pretraining.pretrain(mini_config(clips, tmp_path / 'full', max_steps=6, eval_data=''))
+    part = pretraining.pretrain(mini_config(clips, tmp_path / 'part', max_steps=6, eval_data='', stop_after_steps=4))
+    assert (part.steps, part.total_steps, part.completed) == (4, 6, False) and full.completed
+    assert list(step_losses(tmp_path / 'part').index) == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / 'part' / 'last.pt').training_state['step'] == 4
+    rest = pretraining.pretrain(mini_config(clips, tmp_path / 'part', max_steps=6, eval_data='', resume='last'))   # the stop is not part of the run
+    assert rest.completed and step_losses(tmp_path / 'part').tolist() == step_losses(tmp_path / 'full').tolist()
