@@ -9,7 +9,7 @@ import os
 import pickle
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 import numpy as np
@@ -217,6 +217,11 @@ class Checkpoint:
         except CheckpointError as e: raise CheckpointError(f"{self.path}: {e}") from None
         return model.to(device)
 
+    def payload(self) -> dict:
+        "What `torch.save` writes (the inverse of `checkpoint_from_payload`)."
+        return {'format': CHECKPOINT_FORMAT, 'config': self.config.to_dict(), 'model_class': self.model_class,
+                'model_kwargs': self.model_kwargs, 'state_dict': self.state_dict, 'training_state': self.training_state}
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     "The underlying model of a DDP / DataParallel wrapper or a `torch.compile`d module."
     while True:
@@ -247,9 +252,8 @@ def save_checkpoint(path,                          # destination file
     if isinstance(model, CAVMAESyncClassifier):
         kwargs = dict(num_classes=model.num_classes, modality=model.modality, aggregation=model.aggregation)
         if model.aggregation == 'attention': kwargs['attention_depth'] = len(model.aggregator.blocks)
-    payload = {'format': CHECKPOINT_FORMAT, 'config': model.config.to_dict(), 'model_class': type(model).__name__,
-               'model_kwargs': kwargs, 'state_dict': model.state_dict(), 'training_state': training_state}
-    return atomic_torch_save(payload, path)
+    written = Checkpoint(Path(path), model.config, type(model).__name__, kwargs, model.state_dict(), training_state)
+    return atomic_torch_save(written.payload(), path)
 
 def is_our_format(payload) -> bool:
     "Whether a loaded file claims to be a cavmae_sync checkpoint (any version): then it is never read as released weights."
@@ -331,9 +335,7 @@ def compact_checkpoint(path,       # a checkpoint written by `save_checkpoint` (
     if too_large: raise CheckpointError(f"{path}: tensors {too_large} exceed the float16 range; keep this checkpoint in float32")
     weights = {k: v.half() if v.dtype == torch.float32 else v for k, v in ckpt.state_dict.items()}
     state = {k: ckpt.training_state[k] for k in COMPACT_KEEP if k in ckpt.training_state} | {'stored_precision': 'float16'}
-    payload = {'format': CHECKPOINT_FORMAT, 'config': ckpt.config.to_dict(), 'model_class': ckpt.model_class,
-               'model_kwargs': ckpt.model_kwargs, 'state_dict': weights, 'training_state': state}
-    return atomic_torch_save(payload, new_path)
+    return atomic_torch_save(replace(ckpt, path=new_path, state_dict=weights, training_state=state).payload(), new_path)
 
 # %% ../nbs/06_checkpoint.ipynb #ef44b560
 def load_model_file(path,                        # a cavmae_sync checkpoint (.pt) or released official weights (.pth)

@@ -27,7 +27,8 @@ from .metrics import (
     accuracy, paired_bootstrap)
 from .train_config import FinetuneConfig, atomic_write_text
 from .train import label_csv_for
-from .reproduce import cache_lock, resolve_device
+from .config import cache_lock
+from .reproduce import resolve_device
 from .claims import judge_claim
 
 # %% auto #0

@@ -12,8 +12,8 @@ from typing import Iterator
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
-           'data_dir', 'file_identity', 'shared_required', 'shared_dir', 'process_alive', 'remove_stale_partials',
-           'atomic_file']
+           'data_dir', 'cache_lock', 'file_identity', 'shared_required', 'shared_dir', 'process_alive',
+           'remove_stale_partials', 'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -77,6 +77,18 @@ def project_root() -> Path:
 def data_dir() -> Path:
     "Folder for generated data sets, caches and trained models: `$CAVMAE_SYNC_DATA` or `<repo>/data`."
     return Path(os.environ.get('CAVMAE_SYNC_DATA') or project_root() / 'data')
+
+@contextlib.contextmanager
+def cache_lock(name: str,              # which cache, e.g. 'model-<run name>'
+              ):
+    "Hold an exclusive lock on `data_dir()/.<name>.lock` (flock; none where the platform has no fcntl) while filling a shared cache."
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try: import fcntl
+    except ImportError: fcntl = None
+    with open(folder / f'.{name}.lock', 'a') as handle:
+        if fcntl is not None: fcntl.flock(handle, fcntl.LOCK_EX)
+        yield                                                                   # closing the file releases the lock
 
 def file_identity(path,                   # a media or data file
                   with_path: bool = True,  # include the resolved path (False: size and time only, for indexes that may move)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_reproduce.ipynb #15f15bc2
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, math, os, tempfile
+import dataclasses, json, math, os, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import project_root, data_dir
+from .config import project_root, data_dir, cache_lock   # cache_lock: the notebooks and tests import it from here too
 from .data import read_datafile
 from .video import VIDEO_EXTENSIONS
 from .checkpoint import holds_classifier, load_model_file
@@ -21,7 +21,7 @@ from .metrics import PairedGain, paired_bootstrap    # the notebooks import them
 # %% auto #0
 __all__ = ['DATASETS', 'CLASS_SETS', 'check_dataset', 'data_file', 'missing_media', 'require_video_data', 'require_ade20k_sound',
            'resolve_device', 'load_model', 'is_classifier_checkpoint', 'check_method', 'Outputs', 'synthetic_testbed',
-           'in_test', 'quick_sizes', 'cache_lock', 'PretrainingSummary', 'pretraining_summary', 'pretraining_notes',
+           'in_test', 'quick_sizes', 'PretrainingSummary', 'pretraining_summary', 'pretraining_notes',
            'testbed_checkpoints']
 
 # %% ../nbs/12_reproduce.ipynb #bf342b69
@@ -205,18 +205,6 @@ def quick_sizes(notebook: str,          # 'retrieval', 'classification', 'locali
         raise ValueError(f"notebook={notebook!r}: one of {[k for k in _TEST_SIZES if k != 'common']}")
     return json.loads(json.dumps({**_TEST_SIZES['common'], **_TEST_SIZES[notebook]}))     # a fresh copy: callers may change it
 
-@contextlib.contextmanager
-def cache_lock(name: str,              # which cache: 'models', ...
-              ):
-    "Hold an exclusive lock on `data_dir()/.<name>.lock` (flock; none where the platform has no fcntl) while filling a shared cache."
-    folder = data_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    try: import fcntl
-    except ImportError: fcntl = None
-    with open(folder / f'.{name}.lock', 'a') as handle:
-        if fcntl is not None: fcntl.flock(handle, fcntl.LOCK_EX)
-        yield                                                                   # closing the file releases the lock
-
 # %% ../nbs/12_reproduce.ipynb #24d8e008
 @dataclass
 class PretrainingSummary:
@@ -285,8 +273,6 @@ def testbed_checkpoints(root,                    # the testbed folder (train.jso
     checkpoints = {}
     for name, (kind, fields) in models.items():
         model = {'model': dataclasses.replace(tiny_pretrain_config(kind, root, **overrides).model, **fields)} if fields else {}
-        same_model = json.dumps([Path(root).name, kind, fields, steps, batch_size, seed, overrides], sort_keys=True, default=str)
-        with cache_lock('model-' + hashlib.sha256(same_model.encode()).hexdigest()[:12]):   # another notebook training this model: wait, then read it
-            checkpoints[name] = pretrained_tiny(kind, root, steps=steps, batch_size=batch_size, seed=seed, evaluations=evaluations, max_minutes=max_minutes,
-                                                retrain=retrain, progress=progress, **overrides, **model)
+        checkpoints[name] = pretrained_tiny(kind, root, steps=steps, batch_size=batch_size, seed=seed, evaluations=evaluations, max_minutes=max_minutes,
+                                            retrain=retrain, progress=progress, **overrides, **model)
     return checkpoints

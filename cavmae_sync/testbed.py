@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, hashlib, json, math, os, shutil, warnings
 from pathlib import Path
 
-from .config import data_dir, project_root
+from .config import data_dir, project_root, cache_lock
 from .train_config import PretrainConfig, model_preset
 from .pretraining import pretrain
 
@@ -113,9 +113,10 @@ def pretrained_tiny(kind: str = 'sync',                 # 'sync' or 'cavmae'
     shipped = SHIPPED_DIR / name / 'model.pt'
     if not retrain and shipped.is_file(): return shipped
     out = data_dir() / 'models' / name
-    if (out / 'model.pt').is_file(): return out / 'model.pt'
-    config = dataclasses.replace(config, output_dir=str(out), resume='last', max_minutes=float(max_minutes or 0))
-    result = pretrain(config)
+    with cache_lock(f'model-{name}'):  # another process (a notebook under nbdev-test) training this model: wait, then read it
+        if (out / 'model.pt').is_file(): return out / 'model.pt'
+        config = dataclasses.replace(config, output_dir=str(out), resume='last', max_minutes=float(max_minutes or 0))
+        result = pretrain(config)
     if not result.completed:           # the guard stopped it: keep what there is, a later call resumes and finishes
         warnings.warn(f"{out}: stopped by max_minutes={max_minutes} at step {result.steps} of {result.total_steps}; "
                       "call pretrained_tiny again with the same arguments to finish the schedule")
