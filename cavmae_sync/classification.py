@@ -21,11 +21,11 @@ from .model import ModelConfig
 from .data import DatafileDataset
 from .clip_cache import dataset_targets
 from .embeddings import (
-    iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint, evaluation_autocast, precision_tag, model_preprocess_config)
+    iterate_encoded, clip_loader, dataset_fingerprint, model_fingerprint, evaluation_autocast, precision_tag, model_preprocess_config, eval_mode)
 from .metrics import (
     MAPResult, NO_POSITIVE_RULES, PairedGain, to_tensor, binary_targets, class_indices, average_precision_columns, mean_average_precision,
     accuracy, paired_bootstrap)
-from .train_config import FinetuneConfig, atomic_write_text
+from .train_config import FinetuneConfig, atomic_write_text, run_identity
 from .train import label_csv_for
 from .config import cache_lock
 from .reproduce import resolve_device
@@ -222,10 +222,8 @@ def evaluate_classifier(classifier,               # a `CAVMAESyncClassifier`: (B
     device = _device_of(classifier, device)
     precision_tag(device, precision)                                     # refuse an unknown precision before decoding
     if no_positives not in NO_POSITIVE_RULES: raise ValueError(f"no_positives must be one of {NO_POSITIVE_RULES}, got {no_positives!r}")
-    was_training = classifier.training
-    classifier.eval()
     scores, targets, skipped = [], [], []
-    try:
+    with eval_mode(classifier):
         for batch in tqdm(clip_loader(dataset, batch_size, num_workers, pin_memory=device.type == 'cuda'), desc='classifying', disable=not progress):
             skipped += batch['skipped']
             if not batch['positions']: continue
@@ -233,7 +231,6 @@ def evaluate_classifier(classifier,               # a `CAVMAESyncClassifier`: (B
             with evaluation_autocast(device, precision):
                 logits = classifier(batch['audio'].to(device, non_blocking=True), batch['frames'].to(device, non_blocking=True))   # (B, C)
             scores.append(logits.float().cpu()); targets.append(batch['labels'].float())
-    finally: classifier.train(was_training)
     if not scores: raise ValueError(f"no clip of the data set ({len(dataset)} items) could be loaded")
     scores, targets = torch.cat(scores), torch.cat(targets)
     if scores.shape != targets.shape: raise ValueError(f"classifier gives {scores.shape[1]} classes, the data set's labels {targets.shape[1]}")
@@ -324,8 +321,8 @@ class ClassificationRun:
     def __repr__(self): return f"ClassificationRun({self.model}, {self.method}: {self.metric_name}={self.metric:.2f}% on {len(self.scores)} clips)"
 
 def _run_folder(model: str, config: FinetuneConfig, runs_dir) -> Path:
-    identity = {k: v for k, v in config.to_dict().items() if k not in ('output_dir', 'progress', 'resume', 'num_workers', 'device')}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    "The run's cache folder: keyed by its location-free identity (data digests, the pretrained checkpoint's content), not its paths."
+    key = hashlib.sha256(json.dumps(run_identity(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(runs_dir or data_dir() / 'runs') / f"{config.method}_{model.split(' (')[0].replace(' ', '_').lower()}_{key}"
 
 def _budget(config: FinetuneConfig, derived: dict) -> str:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_embeddings.ipynb #5368920a
 from __future__ import annotations
-import hashlib, json, os, warnings
+import contextlib, hashlib, json, os, warnings
 from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,8 +22,9 @@ from .checkpoint import atomic_torch_save, safe_load
 
 # %% auto #0
 __all__ = ['EVAL_PRECISIONS', 'ClipEmbeddings', 'model_fingerprint', 'clip_ids', 'clip_sources', 'media_fingerprint',
-           'dataset_fingerprint', 'clip_loader', 'evaluation_autocast', 'precision_tag', 'encode_clip_batch',
-           'iterate_encoded', 'embed_dataset', 'VideoEmbedding', 'model_preprocess_config', 'embed_video']
+           'dataset_fingerprint', 'clip_loader', 'evaluation_autocast', 'eval_mode', 'precision_tag',
+           'encode_clip_batch', 'iterate_encoded', 'embed_dataset', 'VideoEmbedding', 'model_preprocess_config',
+           'embed_video']
 
 # %% ../nbs/06a_embeddings.ipynb #66adf636
 @dataclass
@@ -211,6 +212,14 @@ def evaluation_autocast(device,                   # where the encoder runs
     dtype = EVAL_PRECISIONS[precision]
     return torch.autocast('cuda', dtype=dtype or torch.float16, enabled=device.type == 'cuda' and dtype is not None)
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):   # the module to run in eval mode (dropout off, no masking) for the block
+    "Run a block with `model` in eval mode, then give it back its training flag, also when the block raises."
+    was_training = model.training
+    model.eval()
+    try: yield model
+    finally: model.train(was_training)
+
 def precision_tag(device, precision: str = 'fp16') -> str:
     "What a cache key must add for the numeric format: '' on a CPU (always fp32), '-cuda-<precision>' on a GPU."
     if precision not in EVAL_PRECISIONS: raise ValueError(f"precision must be one of {tuple(EVAL_PRECISIONS)}, got {precision!r}")
@@ -254,15 +263,12 @@ def iterate_encoded(model, dataset, batch_size: int = 8, device=None, num_worker
     device = _model_device(model, device)
     precision_tag(device, precision)                                       # refuse an unknown precision before decoding anything
     loader = clip_loader(dataset, batch_size, num_workers, pin_memory=device.type == 'cuda', start=start)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in tqdm(loader, desc=desc, disable=not progress, unit='batch'):
             if batch['positions']:
                 batch['audio'], batch['video'] = encode_clip_batch(model, batch.pop('audio'), batch.pop('frames'), device, normalize,
                                                                    whole_clip_audio, precision)
             yield batch
-    finally: model.train(was_training)
 
 # %% ../nbs/06a_embeddings.ipynb #b761ad30
 def embed_dataset(model,                          # a `CAVMAESync` model
@@ -354,8 +360,5 @@ def embed_video(path,                              # a video file with an audio 
     from cavmae_sync.data import load_clip
     config = config or model_preprocess_config(model)
     clip = load_clip(path, config=config)                                             # frames (T, 3, S, S), audio (T, L, mel)
-    was_training = model.training
-    model.eval()
-    try: audio, video = encode_clip_batch(model, clip.audio[None], clip.frames[None], device, precision=precision)   # (1, T, D)
-    finally: model.train(was_training)
+    with eval_mode(model): audio, video = encode_clip_batch(model, clip.audio[None], clip.frames[None], device, precision=precision)   # (1, T, D)
     return VideoEmbedding(audio[0], video[0], str(path), getattr(clip, 'frame_times', None))

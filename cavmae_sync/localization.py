@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PreprocessConfig, MediaError
-from .embeddings import evaluation_autocast, precision_tag
+from .embeddings import evaluation_autocast, precision_tag, eval_mode
 from .metrics import average_precision_columns, best_iou
 from .video import eval_transform, unnormalize
 import torchvision.transforms.v2 as transforms
@@ -67,12 +67,9 @@ def clip_similarity_maps(model,                          # a `CAVMAESync` model
     if frames.ndim != 4 or audio.ndim != 3 or len(frames) != len(audio):
         raise ValueError(f"expected frames (T, 3, H, W) and audio windows (T, L, mel) with the same T, got {tuple(frames.shape)} and {tuple(audio.shape)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with evaluation_autocast(device, precision):
             out = model.encode(audio.to(device), frames.to(device))
-    finally: model.train(was_training)
     size = tuple(frames.shape[-2:]) if upsample else None
     return similarity_maps(out.audio_embedding.float(), out.video_tokens.float(), size=size).cpu()   # (T, H, W)
 
@@ -376,11 +373,9 @@ def localization_maps(model,                        # a `CAVMAESync` model
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision_tag(device, precision)                                       # refuse an unknown precision before decoding
-    was_training = model.training
-    model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda')
     maps, masks, classes = [], [], []
-    try:
+    with eval_mode(model):
         for batch in tqdm(loader, desc='localization maps', disable=not progress):
             audio = batch['audio'].to(device, non_blocking=True)                          # (B, T, L, mel)
             frames = batch['frame'].to(device, non_blocking=True)                         # (B, 3, S, S)
@@ -391,7 +386,6 @@ def localization_maps(model,                        # a `CAVMAESync` model
             windows = F.normalize(audio_out.embedding.float(), dim=-1).reshape(B, T, -1)  # (B, T, D)
             maps.append(similarity_maps(windows.mean(1), video_out.tokens.float(), size=tuple(frames.shape[-2:])).cpu())
             masks.append(batch['mask']); classes += batch['class_id'].tolist()
-    finally: model.train(was_training)
     return LocalizationMaps(torch.cat(maps), torch.cat(masks), classes, dataset.class_names)
 
 def evaluate_localization(model, dataset: ADE20KSound, num_thresholds: int = 20, empty_classes: str = 'zero', **kwargs) -> LocalizationResult:

@@ -21,7 +21,7 @@ from .config import MediaError, PreprocessConfig, data_dir
 from .audio import clip_spectrogram, load_audio, window_centres
 from .data import FBANK_SHIFT_SECONDS, read_clip_frames, read_clip_audio
 from .video import check_media_file, eval_transform, write_video
-from .embeddings import model_preprocess_config, evaluation_autocast
+from .embeddings import model_preprocess_config, evaluation_autocast, eval_mode
 from .checkpoint import load_model_file
 
 # %% auto #0
@@ -268,14 +268,11 @@ def av_offset(video,                        # a video file with an audio stream,
     if len(bank.starts) == 0:
         return empty(f'no frame\'s window fits inside the {inputs.audio_seconds:.2f} s of audio at any offset')
     device = _device_of(model, device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode(), evaluation_autocast(device, precision):
             frames = model.encode_video(inputs.frames.to(device)).embedding.float().cpu()      # (T, D), encoded once
         frames = F.normalize(frames, dim=-1)
         windows = encode_windows(model, inputs.spectrogram, bank.starts, L, device, batch_size, precision)   # (J, D)
-    finally: model.train(was_training)
     cosines = bank.read(frames @ windows.T)                                                # (T, J) -> (T, K)
     result = score_offsets(cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times)
     result.zero = zero

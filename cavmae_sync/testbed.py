@@ -8,12 +8,12 @@ import dataclasses, hashlib, json, math, os, shutil, warnings
 from pathlib import Path
 
 from .config import data_dir, project_root, cache_lock
-from .train_config import PretrainConfig, model_preset
+from .train_config import PretrainConfig, model_preset, run_identity
 from .pretraining import pretrain
 
 # %% auto #0
-__all__ = ['SHIPPED_DIR', 'RUN_ONLY_SETTINGS', 'SHIPPED_FILES', 'tiny_pretrain_config', 'measure_pretraining',
-           'datafile_identity', 'run_identity', 'run_name', 'pretrained_tiny', 'ship_checkpoint']
+__all__ = ['SHIPPED_DIR', 'SHIPPED_FILES', 'tiny_pretrain_config', 'measure_pretraining', 'run_name', 'pretrained_tiny',
+           'ship_checkpoint']
 
 # %% ../nbs/08e_testbed.ipynb #968f300a
 def tiny_pretrain_config(kind: str = 'sync',      # 'sync': tiny CAV-MAE Sync; 'cavmae': the tiny CAV-MAE baseline
@@ -37,8 +37,6 @@ def tiny_pretrain_config(kind: str = 'sync',      # 'sync': tiny CAV-MAE Sync; '
 
 
 # %% ../nbs/08e_testbed.ipynb #a34cac47
-def _file_digest(path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
 def measure_pretraining(config: PretrainConfig,   # the run to time (its data, model and batch size)
                         steps: int = 6,           # timed steps
                         warmup_steps: int = 2,    # steps run before timing starts
@@ -54,31 +52,6 @@ def measure_pretraining(config: PretrainConfig,   # the run to time (its data, m
     return {'samples_per_s': steps * config.batch_size / seconds, 'seconds_per_step': seconds / steps}
 
 SHIPPED_DIR = project_root() / 'checkpoints' / 'testbed'   # the testbed models that come with the repository (`ship_checkpoint`)
-# settings that say where or how a run goes, not what it computes: not part of a model's identity
-RUN_ONLY_SETTINGS = ('output_dir', 'progress', 'resume', 'num_workers', 'max_minutes', 'stop_after_steps')
-
-def datafile_identity(path) -> str:
-    """Digest of a datafile JSON that does not depend on where the data set lies: its clips and labels, each media path
-    relative to the datafile's folder, and the generator's parameters (params.json beside it, if any, without its location)."""
-    path = Path(path)
-    folder = path.resolve().parent
-    def relative(media):                                   # a clip inside the data set's folder: its path there; outside: as written
-        try: return Path(media).resolve().relative_to(folder).as_posix()
-        except ValueError: return str(media)
-    try: entries = json.loads(path.read_text())['data']
-    except (OSError, ValueError, KeyError, TypeError) as e: raise ValueError(f"{path}: not a readable datafile JSON ({e})") from None
-    clips = [{k: relative(v) if k in ('wav', 'video_path') else v for k, v in entry.items()} for entry in entries]
-    params = folder / 'params.json'
-    generator = {k: v for k, v in json.loads(params.read_text()).items() if k != 'root'} if params.is_file() else {}
-    return hashlib.sha256(json.dumps([clips, generator], sort_keys=True).encode()).hexdigest()[:16]
-
-def run_identity(config: PretrainConfig) -> dict:
-    "What a tiny model's cache key hashes: every setting that changes the model and the data's location-free digests, not where or how it runs."
-    identity = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_SETTINGS + ('train_data', 'eval_data', 'label_csv')}
-    identity.update(train=datafile_identity(config.train_data), eval=datafile_identity(config.eval_data) if config.eval_data else '',
-                    labels=_file_digest(config.label_csv) if config.label_csv else '')
-    return identity
-
 def run_name(kind: str,                  # 'sync' or 'cavmae'
              config: PretrainConfig,     # the run's settings
             ) -> str:

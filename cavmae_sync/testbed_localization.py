@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .video import unnormalize
 from .audio import clip_spectrogram
-from .embeddings import clip_loader, evaluation_autocast
+from .embeddings import clip_loader, evaluation_autocast, eval_mode
 import pandas as pd
 from .localization import similarity_maps, localization_scores, overlay
 from .metrics import above_chance, paired_bootstrap
@@ -57,11 +57,9 @@ def frame_maps(model,                       # a `CAVMAESync` model
               ) -> FrameMaps:
     "Maps of every frame of `clips` for each definition in AUDIO_QUERIES."
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     maps = {q: [] for q in AUDIO_QUERIES}
     clip_index, frame_index, frames_kept, ids = [], [], [], []
-    try:
+    with eval_mode(model):
         for batch in clip_loader(clips, batch_size, num_workers):
             if batch['skipped']: raise ValueError(f"frame_maps: clips at positions {batch['skipped']} could not be loaded")
             audio, frames = batch['audio'], batch['frames']                                  # (B, T, L, mel), (B, T, 3, H, W)                                                          # (B, T, 3, H, W)
@@ -75,7 +73,6 @@ def frame_maps(model,                       # a `CAVMAESync` model
                 maps[query].append(similarity_maps(vector.float(), tokens.float(), size=size).cpu())   # (B*T, S, S)
             clip_index.append(np.repeat(np.asarray(batch['positions']), T)); frame_index.append(np.tile(np.arange(T), B))
             frames_kept.append(frames.flatten(0, 1)); ids += list(batch['video_id'])
-    finally: model.train(was_training)
     return FrameMaps({q: torch.cat(m) for q, m in maps.items()}, np.concatenate(clip_index), np.concatenate(frame_index),
                      torch.cat(frames_kept), ids)
 
@@ -186,10 +183,8 @@ def swap_test(model,                       # a `CAVMAESync` model
     sounds = {c: class_audio(int(c), length, config) for c in np.unique(frames.other_classes[tested])}
     kept_frames = frame_maps.frames[frame_maps.keep_index(frames.keep)]          # (K, 3, h, w)
     size = frames.masks.shape[-1]
-    was_training = model.training
-    model.eval()
     maps = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(tested), batch_size):
             rows = tested[start:start + batch_size]
             audio = torch.stack([sounds[c] for c in frames.other_classes[rows]])   # (b, L, mel)
@@ -198,7 +193,6 @@ def swap_test(model,                       # a `CAVMAESync` model
                 heard = model.encode_audio(audio.to(device))
             vector = audio_queries(heard)[audio_query]                                # (b, D)
             maps.append(similarity_maps(vector.float(), tokens.float(), size=size).cpu())   # (b, S, S)
-    finally: model.train(was_training)
     maps = torch.cat(maps)                                                       # (K', S, S)
     follow = pointing_hits(maps, frames.other_masks[tested]).mean() * 100
     stay = pointing_hits(maps, frames.masks[tested]).mean() * 100

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_train_config.ipynb #1484c491
 from __future__ import annotations
-import argparse, dataclasses, difflib, json, math, sys, typing
+import argparse, dataclasses, difflib, hashlib, json, math, sys, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,9 +13,9 @@ from .config import PreprocessConfig, atomic_file
 from .model import ModelConfig, cavmae_sync, cavmae, tiny
 
 # %% auto #0
-__all__ = ['MODEL_PRESETS', 'model_preset', 'TrainConfig', 'PretrainConfig', 'FinetuneConfig', 'apply_overrides',
-           'set_config_value', 'save_config', 'load_config', 'atomic_write_text', 'config_parser', 'config_from_args',
-           'lr_factor', 'peak_lr']
+__all__ = ['MODEL_PRESETS', 'RUN_ONLY_SETTINGS', 'model_preset', 'TrainConfig', 'PretrainConfig', 'FinetuneConfig',
+           'apply_overrides', 'set_config_value', 'save_config', 'load_config', 'atomic_write_text', 'file_digest',
+           'datafile_identity', 'run_identity', 'config_parser', 'config_from_args', 'lr_factor', 'peak_lr']
 
 # %% ../nbs/08a_train_config.ipynb #da2cfd5a
 MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
@@ -249,6 +249,43 @@ def atomic_write_text(path,        # the file to (re)place
                       text: str):  # its whole new content
     "Write `text` to `path` in one rename: a reader sees the old file or the new one, never half of it."
     with atomic_file(path) as partial: partial.write_text(text)
+
+# %% ../nbs/08a_train_config.ipynb #99409a73
+# settings that say where or how a run goes, not what it computes: not part of its identity
+RUN_ONLY_SETTINGS = ('output_dir', 'progress', 'resume', 'num_workers', 'max_minutes', 'stop_after_steps')
+
+def file_digest(path) -> str:
+    "First 16 hex digits of the SHA-256 of a file's bytes (read in 1 MiB blocks)."
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): digest.update(block)
+    return digest.hexdigest()[:16]
+
+def datafile_identity(path) -> str:
+    """Digest of a datafile JSON that does not depend on where the data set lies: its clips and labels, each media path
+    relative to the datafile's folder, and the generator's parameters (params.json beside it, if any, without its location)."""
+    path = Path(path)
+    folder = path.resolve().parent
+    def relative(media):                                   # a clip inside the data set's folder: its path there; outside: as written
+        try: return Path(media).resolve().relative_to(folder).as_posix()
+        except ValueError: return str(media)
+    try: entries = json.loads(path.read_text())['data']
+    except (OSError, ValueError, KeyError, TypeError) as e: raise ValueError(f"{path}: not a readable datafile JSON ({e})") from None
+    clips = [{k: relative(v) if k in ('wav', 'video_path') else v for k, v in entry.items()} for entry in entries]
+    params = folder / 'params.json'
+    generator = {k: v for k, v in json.loads(params.read_text()).items() if k != 'root'} if params.is_file() else {}
+    return hashlib.sha256(json.dumps([clips, generator], sort_keys=True).encode()).hexdigest()[:16]
+
+def run_identity(config: TrainConfig) -> dict:
+    """What a run's cache key hashes: every setting that changes what it computes, the data's location-free digests
+    (`train`, `eval`, `labels`) and the content digest of the checkpoint it starts from (`init` / `pretrained`, when a file)."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_SETTINGS + ('train_data', 'eval_data', 'label_csv')}
+    identity.update(train=datafile_identity(config.train_data) if config.train_data else '',
+                    eval=datafile_identity(config.eval_data) if config.eval_data else '',
+                    labels=file_digest(config.label_csv) if config.label_csv else '')
+    for name in ('init', 'pretrained'):                  # weights the run starts from: their content, not their location
+        if identity.get(name) and Path(identity[name]).is_file(): identity[name] = f'sha256:{file_digest(identity[name])}'
+    return identity
 
 # %% ../nbs/08a_train_config.ipynb #bb423ed2
 def _field_help(cls) -> dict:

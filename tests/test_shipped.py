@@ -9,7 +9,7 @@ import torch
 
 from cavmae_sync import testbed
 from cavmae_sync.checkpoint import load_checkpoint
-from cavmae_sync.train_config import load_config, PretrainConfig
+from cavmae_sync.train_config import load_config, PretrainConfig, RUN_ONLY_SETTINGS
 from test_train import tiny_kwargs, step_losses
 
 NOTEBOOK_DEFAULTS = dict(steps=1500, batch_size=32, seed=0, evaluations=5)   # the reproduction notebooks' train_steps, train_batch_size, seed
@@ -84,7 +84,7 @@ def test_the_shipped_models_are_complete_and_are_the_notebooks_defaults(tmp_path
         asked = testbed.tiny_pretrain_config(kind, tmp_path, max_steps=NOTEBOOK_DEFAULTS['steps'], batch_size=NOTEBOOK_DEFAULTS['batch_size'],
                                              seed=NOTEBOOK_DEFAULTS['seed'], eval_every=NOTEBOOK_DEFAULTS['steps'] // NOTEBOOK_DEFAULTS['evaluations'])
         asked = asked.to_dict() | {'model': {**asked.model.to_dict(), **fields}}
-        settings = json.loads(json.dumps({k: v for k, v in asked.items() if k not in testbed.RUN_ONLY_SETTINGS + ('train_data', 'eval_data', 'label_csv', 'progress')}))
+        settings = json.loads(json.dumps({k: v for k, v in asked.items() if k not in RUN_ONLY_SETTINGS + ('train_data', 'eval_data', 'label_csv', 'progress')}))
         matches = [name for name, (k, identity) in recipes.items() if k == kind and all(identity.get(s) == v for s, v in settings.items() if s != 'progress')]
         assert len(matches) == 1, f'{label}: {len(matches)} shipped runs with the notebooks\' default settings'
 
