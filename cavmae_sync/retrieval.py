@@ -21,8 +21,8 @@ from .metrics import recall_hits, recall_metrics
 # %% auto #0
 __all__ = ['STRATEGIES', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset', 'paper_list_path',
            'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset', 'RetrievalRun',
-           'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations', 'paper_table',
-           'paper_side_by_side', 'plot_retrieval']
+           'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations', 'ClassSetRecognition',
+           'class_set_recognition', 'paper_table', 'paper_side_by_side', 'plot_retrieval']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
@@ -271,6 +271,37 @@ def testbed_evaluations(sync_model,                  # the tiny CAV-MAE Sync
     return {'CAV-MAE Sync (tiny)': (sync_model, clips_for(sync_config), False),
             'CAV-MAE (tiny), 1 frame': (cavmae_model, clips_for(cavmae_config), False),
             f'CAV-MAE (tiny), {every_frame.num_frames} frames': (cavmae_model, clips_for(every_frame), True)}
+
+# %% ../nbs/09_retrieval.ipynb #38fd4e14
+@dataclass
+class ClassSetRecognition:
+    "How often a retrieval's top match holds the query's class set, the part of retrieval that needs no timing."
+    model: str                 # the evaluation's name
+    rates: dict                # {direction: % of queries whose top match holds the query's class set}
+    chance: float              # % a random top match would give (mean share of the clips holding the query's set)
+    clips_per_set: float       # mean number of test clips holding a query's class set (the query's own clip included)
+
+    def line(self) -> str:
+        both = ' / '.join(f"{self.rates[d]:.1f}%" for d in ('audio_to_video', 'video_to_audio'))
+        return (f"{self.model}: top match of the query's class set {both} (audio-to-video / video-to-audio; random {self.chance:.1f}%); "
+                f"{self.clips_per_set:.0f} clips per set, so knowing the set without the timing gives R@1 of about "
+                + ' / '.join(f"{self.rates[d] / self.clips_per_set:.1f}%" for d in ('audio_to_video', 'video_to_audio')))
+
+def class_set_recognition(name: str,                       # the evaluation's name
+                          embeddings,                      # its `ClipEmbeddings`
+                          class_set_of: dict,              # {video_id: class set (a hashable, e.g. a tuple of classes)}
+                          strategy: str = 'diagonal_mean',
+                         ) -> ClassSetRecognition:
+    "Share of queries whose top match (each direction) holds the query's class set, with its chance level."
+    missing = [v for v in embeddings.video_ids if v not in class_set_of]
+    if missing: raise KeyError(f"class_set_recognition: no class set for {len(missing)} clips, e.g. {missing[:3]}")
+    sets = [class_set_of[v] for v in embeddings.video_ids]
+    same = torch.tensor([[a == b for b in sets] for a in sets])                          # (N, N) clips holding the same set
+    scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
+    rows = torch.arange(len(sets))
+    rates = {d: float(same[rows, s.argmax(1)].double().mean()) * 100 for d, s in (('audio_to_video', scores), ('video_to_audio', scores.T))}
+    per_query = same.sum(1).double()                                                     # (N,) clips of the query's set
+    return ClassSetRecognition(name, rates, float((per_query / len(sets)).mean()) * 100, float(per_query.mean()))
 
 # %% ../nbs/09_retrieval.ipynb #rr04aa04
 def paper_table() -> pd.DataFrame:
