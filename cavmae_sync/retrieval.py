@@ -283,8 +283,8 @@ class ClassSetRecognition:
 
     def line(self) -> str:
         both = ' / '.join(f"{self.rates[d]:.1f}%" for d in ('audio_to_video', 'video_to_audio'))
-        return (f"{self.model}: top match of the query's class set {both} (audio-to-video / video-to-audio; random {self.chance:.1f}%); "
-                f"{self.clips_per_set:.0f} clips per set, so knowing the set without the timing gives R@1 of about "
+        return (f"{self.model}: the top match holds the query's class set in {both} of queries (audio-to-video / video-to-audio; "
+                f"random {self.chance:.1f}%); with {self.clips_per_set:.0f} clips per set, the set without the timing gives R@1 of about "
                 + ' / '.join(f"{self.rates[d] / self.clips_per_set:.1f}%" for d in ('audio_to_video', 'video_to_audio')))
 
 def class_set_recognition(name: str,                       # the evaluation's name
