@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_classification.ipynb #206232f8
 from __future__ import annotations
-import dataclasses, hashlib, json, math, time, warnings
+import dataclasses, json, math, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .embeddings import (
 from .metrics import (
     MAPResult, NO_POSITIVE_RULES, PairedGain, to_tensor, binary_targets, class_indices, average_precision_columns, mean_average_precision,
     accuracy, paired_bootstrap)
-from .train_config import FinetuneConfig, atomic_write_text, run_identity
+from .train_config import FinetuneConfig, atomic_write_text, run_key
 from .train import label_csv_for
 from .config import cache_lock
 from .reproduce import resolve_device
@@ -322,8 +322,7 @@ class ClassificationRun:
 
 def _run_folder(model: str, config: FinetuneConfig, runs_dir) -> Path:
     "The run's cache folder: keyed by its location-free identity (data digests, the pretrained checkpoint's content), not its paths."
-    key = hashlib.sha256(json.dumps(run_identity(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(runs_dir or data_dir() / 'runs') / f"{config.method}_{model.split(' (')[0].replace(' ', '_').lower()}_{key}"
+    return Path(runs_dir or data_dir() / 'runs') / f"{config.method}_{model.split(' (')[0].replace(' ', '_').lower()}_{run_key(config)}"
 
 def _budget(config: FinetuneConfig, derived: dict) -> str:
     clips = derived.get('train_clips', '?')

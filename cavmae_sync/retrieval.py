@@ -295,8 +295,8 @@ def class_set_recognition(name: str,                       # the evaluation's na
     "Share of queries whose top match (each direction) holds the query's class set, with its chance level."
     missing = [v for v in embeddings.video_ids if v not in class_set_of]
     if missing: raise KeyError(f"class_set_recognition: no class set for {len(missing)} clips, e.g. {missing[:3]}")
-    sets = [class_set_of[v] for v in embeddings.video_ids]
-    same = torch.tensor([[a == b for b in sets] for a in sets])                          # (N, N) clips holding the same set
+    sets = torch.as_tensor(pd.factorize(pd.Series([class_set_of[v] for v in embeddings.video_ids]))[0])   # (N,) class set of each clip, as a code
+    same = sets[:, None] == sets[None, :]                                                # (N, N) clips holding the same set
     scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
     rows = torch.arange(len(sets))
     rates = {d: float(same[rows, s.argmax(1)].double().mean()) * 100 for d, s in (('audio_to_video', scores), ('video_to_audio', scores.T))}

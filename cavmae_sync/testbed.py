@@ -4,11 +4,11 @@
 
 # %% ../nbs/08e_testbed.ipynb #69a7a68c
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, shutil, warnings
+import dataclasses, json, math, os, shutil, warnings
 from pathlib import Path
 
 from .config import data_dir, project_root, cache_lock
-from .train_config import PretrainConfig, model_preset, run_identity
+from .train_config import PretrainConfig, model_preset, run_identity, run_key
 from .pretraining import pretrain
 
 # %% auto #0
@@ -56,7 +56,7 @@ def run_name(kind: str,                  # 'sync' or 'cavmae'
              config: PretrainConfig,     # the run's settings
             ) -> str:
     "The folder name of a tiny model's run: `tiny_<kind>_<first 12 hex digits of the identity's SHA-256>`, the same on every machine."
-    return f"tiny_{kind}_{hashlib.sha256(json.dumps(run_identity(config), sort_keys=True, default=str).encode()).hexdigest()[:12]}"
+    return f"tiny_{kind}_{run_key(config)}"
 
 def pretrained_tiny(kind: str = 'sync',                 # 'sync' or 'cavmae'
                     data_root=None,                     # data set folder (default: the synthetic testbed)

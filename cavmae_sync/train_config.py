@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PreprocessConfig, atomic_file
+from .checkpoint import file_sha256
 from .model import ModelConfig, cavmae_sync, cavmae, tiny
 
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'RUN_ONLY_SETTINGS', 'model_preset', 'TrainConfig', 'PretrainConfig', 'FinetuneConfig',
-           'apply_overrides', 'set_config_value', 'save_config', 'load_config', 'atomic_write_text', 'file_digest',
-           'datafile_identity', 'run_identity', 'config_parser', 'config_from_args', 'lr_factor', 'peak_lr']
+           'apply_overrides', 'set_config_value', 'save_config', 'load_config', 'atomic_write_text',
+           'datafile_identity', 'run_identity', 'run_key', 'config_parser', 'config_from_args', 'lr_factor', 'peak_lr']
 
 # %% ../nbs/08a_train_config.ipynb #da2cfd5a
 MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
@@ -254,13 +255,6 @@ def atomic_write_text(path,        # the file to (re)place
 # settings that say where or how a run goes, not what it computes: not part of its identity
 RUN_ONLY_SETTINGS = ('output_dir', 'progress', 'resume', 'num_workers', 'max_minutes', 'stop_after_steps')
 
-def file_digest(path) -> str:
-    "First 16 hex digits of the SHA-256 of a file's bytes (read in 1 MiB blocks)."
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): digest.update(block)
-    return digest.hexdigest()[:16]
-
 def datafile_identity(path) -> str:
     """Digest of a datafile JSON that does not depend on where the data set lies: its clips and labels, each media path
     relative to the datafile's folder, and the generator's parameters (params.json beside it, if any, without its location)."""
@@ -282,10 +276,14 @@ def run_identity(config: TrainConfig) -> dict:
     identity = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_SETTINGS + ('train_data', 'eval_data', 'label_csv')}
     identity.update(train=datafile_identity(config.train_data) if config.train_data else '',
                     eval=datafile_identity(config.eval_data) if config.eval_data else '',
-                    labels=file_digest(config.label_csv) if config.label_csv else '')
+                    labels=file_sha256(config.label_csv)[:16] if config.label_csv else '')
     for name in ('init', 'pretrained'):                  # weights the run starts from: their content, not their location
-        if identity.get(name) and Path(identity[name]).is_file(): identity[name] = f'sha256:{file_digest(identity[name])}'
+        if identity.get(name) and Path(identity[name]).is_file(): identity[name] = f'sha256:{file_sha256(identity[name])[:16]}'
     return identity
+
+def run_key(config: TrainConfig) -> str:
+    "First 12 hex digits of the SHA-256 of `run_identity(config)`: the part of a cached run's folder name that says what it computed."
+    return hashlib.sha256(json.dumps(run_identity(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 # %% ../nbs/08a_train_config.ipynb #bb423ed2
 def _field_help(cls) -> dict:
