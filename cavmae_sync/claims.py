@@ -13,11 +13,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from .metrics import PairedGain, above_chance, paired_bootstrap
-from .retrieval import STRATEGIES, retrieval_hits
+from .retrieval import DIRECTIONS, STRATEGIES, retrieval_hits
 
 # %% auto #0
-__all__ = ['OUTCOMES', 'DIRECTIONS', 'CLAIMS', 'ABLATION_OF_FIELD', 'ABLATION_COLUMNS', 'ARROWS', 'ChanceCheck', 'chance_check',
-           'ClaimVerdict', 'judge_claim', 'best_evaluation', 'retrieval_check', 'retrieval_claim', 'localization_claim',
+__all__ = ['OUTCOMES', 'CLAIMS', 'ABLATION_OF_FIELD', 'ABLATION_COLUMNS', 'ARROWS', 'ChanceCheck', 'chance_check', 'ClaimVerdict',
+           'judge_claim', 'best_evaluation', 'retrieval_check', 'retrieval_claim', 'localization_claim',
            'ablation_group', 'frame_evaluations', 'Comparison', 'ablation_comparisons', 'gap_reading', 'ablation_table',
            'reconstruction_note', 'ablation_claim', 'ablation_lines', 'plot_ablations', 'paper_match']
 
@@ -114,8 +114,6 @@ def judge_claim(claim: str,           # the claim, in words
     return ClaimVerdict(claim, outcome, dict(gains), list(checks), gates, list(notes))
 
 # %% ../nbs/16_claims.ipynb #0908f964
-DIRECTIONS = ('audio_to_video', 'video_to_audio')
-
 def best_evaluation(evaluations: dict,            # {evaluation name: {direction: (N,) hits}} of one model
                    ) -> tuple:                    # (name, {direction: hits}) taking each direction's better evaluation
     "The model's best evaluation per direction (the most favourable reading of a baseline)."

@@ -19,13 +19,14 @@ from .embeddings import clip_ids, clip_sources, embed_dataset, model_preprocess_
 from .metrics import recall_hits, recall_metrics
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset', 'paper_list_path',
-           'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset', 'RetrievalRun',
-           'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations', 'ClassSetRecognition',
-           'class_set_recognition', 'paper_table', 'paper_side_by_side', 'plot_retrieval']
+__all__ = ['STRATEGIES', 'DIRECTIONS', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset',
+           'paper_list_path', 'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset',
+           'RetrievalRun', 'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations',
+           'ClassSetRecognition', 'class_set_recognition', 'paper_table', 'paper_side_by_side', 'plot_retrieval']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
+DIRECTIONS = ('audio_to_video', 'video_to_audio')   # the two retrieval directions, in the order every table lists them
 
 def _check_embeddings(audio: torch.Tensor, video: torch.Tensor, strategy: str):
     if strategy not in STRATEGIES: raise ValueError(f"unknown similarity strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -87,7 +88,7 @@ def retrieval_table(audio: torch.Tensor,                    # (N, T, D) audio em
     rows = []
     for strategy in strategies:
         scores = similarity(audio, video, strategy, **similarity_kwargs)    # (N, N) audio x video
-        for direction, matrix in (('audio_to_video', scores), ('video_to_audio', scores.T)):
+        for direction, matrix in zip(DIRECTIONS, (scores, scores.T)):
             rows.append({'strategy': strategy, 'direction': direction, **recall_metrics(matrix, ks)})
     return pd.DataFrame(rows)
 
@@ -239,7 +240,7 @@ def retrieval_hits(embeddings,                     # a `ClipEmbeddings` (audio a
                   ) -> dict:                       # {direction: (N,) expected R@1 hit of each query}
     "Per-query R@1 (ties counted in expectation, as the tables) in both directions."
     scores = similarity(embeddings.audio, embeddings.video, strategy)                # (N, N) audio x video
-    return {'audio_to_video': recall_hits(scores, 1).double().numpy(), 'video_to_audio': recall_hits(scores.T, 1).double().numpy()}
+    return {d: recall_hits(matrix, 1).double().numpy() for d, matrix in zip(DIRECTIONS, (scores, scores.T))}
 
 def embedding_cache(tag: str, name: str) -> Path:
     "The embedding cache file of evaluation `name` in a run tagged `tag` (the data set, checkpoint and subset)."
@@ -282,10 +283,10 @@ class ClassSetRecognition:
     clips_per_set: float       # mean number of test clips holding a query's class set (the query's own clip included)
 
     def line(self) -> str:
-        both = ' / '.join(f"{self.rates[d]:.1f}%" for d in ('audio_to_video', 'video_to_audio'))
+        both = ' / '.join(f"{self.rates[d]:.1f}%" for d in DIRECTIONS)
         return (f"{self.model}: the top match holds the query's class set in {both} of queries (audio-to-video / video-to-audio; "
                 f"random {self.chance:.1f}%); with {self.clips_per_set:.0f} clips per set, the set without the timing gives R@1 of about "
-                + ' / '.join(f"{self.rates[d] / self.clips_per_set:.1f}%" for d in ('audio_to_video', 'video_to_audio')))
+                + ' / '.join(f"{self.rates[d] / self.clips_per_set:.1f}%" for d in DIRECTIONS))
 
 def class_set_recognition(name: str,                       # the evaluation's name
                           embeddings,                      # its `ClipEmbeddings`
@@ -299,7 +300,7 @@ def class_set_recognition(name: str,                       # the evaluation's na
     same = sets[:, None] == sets[None, :]                                                # (N, N) clips holding the same set
     scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
     rows = torch.arange(len(sets))
-    rates = {d: float(same[rows, s.argmax(1)].double().mean()) * 100 for d, s in (('audio_to_video', scores), ('video_to_audio', scores.T))}
+    rates = {d: float(same[rows, s.argmax(1)].double().mean()) * 100 for d, s in zip(DIRECTIONS, (scores, scores.T))}
     per_query = same.sum(1).double()                                                     # (N,) clips of the query's set
     return ClassSetRecognition(name, rates, float((per_query / len(sets)).mean()) * 100, float(per_query.mean()))
 
@@ -321,7 +322,7 @@ def paper_side_by_side(table: pd.DataFrame,   # `RetrievalRun.table`
         return pd.DataFrame([{'direction': d, 'metric': f'R@{k}', 'paper CAV-MAE': reference.loc[('CAV-MAE', d), f'R{k}'],
                               'paper CAV-MAE Sync': reference.loc[('CAV-MAE Sync', d), f'R{k}'], 'ours': float(mine.loc[d, f'R@{k}']),
                               'compared with': method, 'ours - paper': float(mine.loc[d, f'R@{k}']) - reference.loc[(method, d), f'R{k}']}
-                             for d in ('audio_to_video', 'video_to_audio') for k in (1, 5, 10)])
+                             for d in DIRECTIONS for k in (1, 5, 10)])
     rows = pd.concat([paper.assign(source='paper: ' + paper['dataset'])[['source', 'method', 'direction', 'R1', 'R5', 'R10']],
                       pd.DataFrame({'source': 'ours: synthetic testbed', 'method': ours['model'], 'direction': ours['direction'],
                                     'R1': ours['R@1'], 'R5': ours['R@5'], 'R10': ours['R@10']})], ignore_index=True)
@@ -343,7 +344,7 @@ def plot_retrieval(run: RetrievalRun,        # the evaluations to draw
     rows, width = run.table[run.table['strategy'] == 'diagonal_mean'], 0.8 / len(names)
     for i, name in enumerate(names):
         part = rows[rows['model'] == name].set_index('direction')
-        axes[0, 0].bar(np.arange(6) + i * width, [part.loc[d, f'R@{k}'] for d in ('audio_to_video', 'video_to_audio') for k in (1, 5, 10)], width, label=name)
+        axes[0, 0].bar(np.arange(6) + i * width, [part.loc[d, f'R@{k}'] for d in DIRECTIONS for k in (1, 5, 10)], width, label=name)
     axes[0, 0].set_xticks(np.arange(6) + 0.4 - width / 2, ['a→v R@1', 'a→v R@5', 'a→v R@10', 'v→a R@1', 'v→a R@5', 'v→a R@10'], rotation=30)
     axes[0, 0].set_ylabel('%'); axes[0, 0].set_title(f'retrieval on {title}'); axes[0, 0].legend(fontsize=7)
     for ax, name in zip(axes[0, 1:], shown):
