@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from .metrics import PairedGain, above_chance, paired_bootstrap
-from .retrieval import DIRECTIONS, STRATEGIES, retrieval_hits
+from .retrieval import ARROWS, DIRECTIONS, STRATEGIES, retrieval_hits
 
 # %% auto #0
-__all__ = ['OUTCOMES', 'CLAIMS', 'ABLATION_OF_FIELD', 'ABLATION_COLUMNS', 'ARROWS', 'ChanceCheck', 'chance_check', 'ClaimVerdict',
+__all__ = ['OUTCOMES', 'CLAIMS', 'ABLATION_OF_FIELD', 'ABLATION_COLUMNS', 'ChanceCheck', 'chance_check', 'ClaimVerdict',
            'judge_claim', 'best_evaluation', 'retrieval_check', 'retrieval_claim', 'localization_claim',
            'ablation_group', 'frame_evaluations', 'Comparison', 'ablation_comparisons', 'gap_reading', 'ablation_table',
            'reconstruction_note', 'ablation_claim', 'ablation_lines', 'plot_ablations', 'paper_match']
@@ -248,8 +248,6 @@ def ablation_claim(claim: str,               # the claim, in words (see `CLAIMS`
     return retrieval_claim(claim, (reference, hits_of(reference)), (variant, hits_of(variant)), factors, seed, notes)
 
 # %% ../nbs/16_claims.ipynb #68a0a225
-ARROWS = {'audio_to_video': 'a→v', 'video_to_audio': 'v→a'}
-
 def _label(variant: str, strategy: str, reference: str) -> str:
     "A variant's short name: its strategy when it is the reference read another way, else its name less the reference's prefix."
     if variant == reference: return strategy

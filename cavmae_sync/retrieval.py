@@ -19,14 +19,16 @@ from .embeddings import clip_ids, clip_sources, embed_dataset, model_preprocess_
 from .metrics import recall_hits, recall_metrics
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'DIRECTIONS', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset',
+__all__ = ['STRATEGIES', 'DIRECTIONS', 'ARROWS', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset',
            'paper_list_path', 'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset',
            'RetrievalRun', 'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations',
-           'ClassSetRecognition', 'class_set_recognition', 'paper_table', 'paper_side_by_side', 'plot_retrieval']
+           'ClassSetRecognition', 'class_set_recognition', 'TopMatchSpread', 'top_match_spread', 'paper_table',
+           'paper_side_by_side', 'plot_retrieval']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
 DIRECTIONS = ('audio_to_video', 'video_to_audio')   # the two retrieval directions, in the order every table lists them
+ARROWS = {'audio_to_video': 'a→v', 'video_to_audio': 'v→a'}   # their short names, for printed lines and plots
 
 def _check_embeddings(audio: torch.Tensor, video: torch.Tensor, strategy: str):
     if strategy not in STRATEGIES: raise ValueError(f"unknown similarity strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -304,6 +306,36 @@ def class_set_recognition(name: str,                       # the evaluation's na
     per_query = same.sum(1).double()                                                     # (N,) clips of the query's set
     return ClassSetRecognition(name, rates, float((per_query / len(sets)).mean()) * 100, float(per_query.mean()))
 
+# %% ../nbs/09_retrieval.ipynb #afaa8b05
+@dataclass
+class TopMatchSpread:
+    "How many different clips a retrieval returns first, and how alike each modality's embeddings are."
+    model: str                 # the evaluation's name
+    queries: int               # queries per direction (= clips)
+    distinct: dict             # {direction: clips that are the top match of at least one query}
+    largest_hub: dict          # {direction: queries whose top match is the most frequent top match}
+    concentration: dict        # {'audio' | 'video': mean cosine of an embedding with its modality's mean embedding; 1 = all the same}
+
+    def line(self) -> str:
+        spread = '; '.join(f"{ARROWS[d]} {self.distinct[d]} distinct, the most frequent answers {self.largest_hub[d]}" for d in DIRECTIONS)
+        return (f"{self.model}: top matches of {self.queries} queries: {spread}; cosine with the mean embedding: "
+                f"audio {self.concentration['audio']:.3f}, video {self.concentration['video']:.3f}")
+
+def top_match_spread(name: str,                  # the evaluation's name
+                     embeddings,                 # its `ClipEmbeddings`
+                     strategy: str = 'diagonal_mean',
+                    ) -> TopMatchSpread:
+    "Distinct top matches and the largest hub in each direction, with the concentration of each modality's embeddings."
+    scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
+    n = len(scores)
+    top = {d: s.argmax(1) for d, s in zip(DIRECTIONS, (scores, scores.T))}             # {direction: (N,) index of each query's top match}
+    def concentration(x):                                                                # x: (N, T, D), L2-normalized per frame
+        flat = x.reshape(-1, x.shape[-1]).float()                                        # (N*T, D)
+        return float(F.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=-1).mean())
+    return TopMatchSpread(name, n, {d: int(t.unique().numel()) for d, t in top.items()},
+                          {d: int(torch.bincount(t, minlength=n).max()) for d, t in top.items()},
+                          {'audio': concentration(embeddings.audio), 'video': concentration(embeddings.video)})
+
 # %% ../nbs/09_retrieval.ipynb #rr04aa04
 def paper_table() -> pd.DataFrame:
     "The paper's Table 1 rows (dataset, method, direction, R1, R5, R10)."
@@ -345,7 +377,7 @@ def plot_retrieval(run: RetrievalRun,        # the evaluations to draw
     for i, name in enumerate(names):
         part = rows[rows['model'] == name].set_index('direction')
         axes[0, 0].bar(np.arange(6) + i * width, [part.loc[d, f'R@{k}'] for d in DIRECTIONS for k in (1, 5, 10)], width, label=name)
-    axes[0, 0].set_xticks(np.arange(6) + 0.4 - width / 2, ['a→v R@1', 'a→v R@5', 'a→v R@10', 'v→a R@1', 'v→a R@5', 'v→a R@10'], rotation=30)
+    axes[0, 0].set_xticks(np.arange(6) + 0.4 - width / 2, [f'{ARROWS[d]} R@{k}' for d in DIRECTIONS for k in (1, 5, 10)], rotation=30)
     axes[0, 0].set_ylabel('%'); axes[0, 0].set_title(f'retrieval on {title}'); axes[0, 0].legend(fontsize=7)
     for ax, name in zip(axes[0, 1:], shown):
         emb = run.embeddings[name]
