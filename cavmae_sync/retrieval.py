@@ -22,8 +22,8 @@ from .metrics import recall_hits, recall_metrics
 __all__ = ['STRATEGIES', 'DIRECTIONS', 'ARROWS', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset',
            'paper_list_path', 'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset',
            'RetrievalRun', 'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations',
-           'ClassSetRecognition', 'class_set_recognition', 'TopMatchSpread', 'top_match_spread', 'paper_table',
-           'paper_side_by_side', 'plot_retrieval']
+           'ClassSetRecognition', 'top_matches', 'class_set_recognition', 'TopMatchSpread', 'top_match_spread',
+           'paper_table', 'paper_side_by_side', 'plot_retrieval']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
@@ -290,6 +290,13 @@ class ClassSetRecognition:
                 f"random {self.chance:.1f}%); with {self.clips_per_set:.0f} clips per set, the set without the timing gives R@1 of about "
                 + ' / '.join(f"{self.rates[d] / self.clips_per_set:.1f}%" for d in DIRECTIONS))
 
+def top_matches(embeddings,                         # a `ClipEmbeddings`
+                strategy: str = 'diagonal_mean',
+               ) -> dict:                            # {direction: (N,) index of each query's top match}
+    "Each query's first-ranked clip, in both directions (the evidence functions below read it)."
+    scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
+    return {d: s.argmax(1) for d, s in zip(DIRECTIONS, (scores, scores.T))}
+
 def class_set_recognition(name: str,                       # the evaluation's name
                           embeddings,                      # its `ClipEmbeddings`
                           class_set_of: dict,              # {video_id: class set (a hashable, e.g. a tuple of classes)}
@@ -300,9 +307,8 @@ def class_set_recognition(name: str,                       # the evaluation's na
     if missing: raise KeyError(f"class_set_recognition: no class set for {len(missing)} clips, e.g. {missing[:3]}")
     sets = torch.as_tensor(pd.factorize(pd.Series([class_set_of[v] for v in embeddings.video_ids]))[0])   # (N,) class set of each clip, as a code
     same = sets[:, None] == sets[None, :]                                                # (N, N) clips holding the same set
-    scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
     rows = torch.arange(len(sets))
-    rates = {d: float(same[rows, s.argmax(1)].double().mean()) * 100 for d, s in zip(DIRECTIONS, (scores, scores.T))}
+    rates = {d: float(same[rows, top].double().mean()) * 100 for d, top in top_matches(embeddings, strategy).items()}
     per_query = same.sum(1).double()                                                     # (N,) clips of the query's set
     return ClassSetRecognition(name, rates, float((per_query / len(sets)).mean()) * 100, float(per_query.mean()))
 
@@ -326,9 +332,7 @@ def top_match_spread(name: str,                  # the evaluation's name
                      strategy: str = 'diagonal_mean',
                     ) -> TopMatchSpread:
     "Distinct top matches and the largest hub in each direction, with the concentration of each modality's embeddings."
-    scores = similarity(embeddings.audio, embeddings.video, strategy)                   # (N, N) audio x video
-    n = len(scores)
-    top = {d: s.argmax(1) for d, s in zip(DIRECTIONS, (scores, scores.T))}             # {direction: (N,) index of each query's top match}
+    top, n = top_matches(embeddings, strategy), len(embeddings)                         # {direction: (N,) index of each query's top match}
     def concentration(x):                                                                # x: (N, T, D), L2-normalized per frame
         flat = x.reshape(-1, x.shape[-1]).float()                                        # (N*T, D)
         return float(F.cosine_similarity(flat, flat.mean(0, keepdim=True), dim=-1).mean())

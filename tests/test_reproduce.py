@@ -97,7 +97,7 @@ from cavmae_sync.metrics import PairedGain, above_chance
 from cavmae_sync.reproduce import cache_lock, in_test, quick_sizes
 import pandas as pd
 
-DIRECTIONS = ('audio_to_video', 'video_to_audio')
+from cavmae_sync.retrieval import DIRECTIONS
 
 
 def hits(rate_a2v, rate_v2a, n=200, seed=0):
