@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
@@ -19,16 +20,23 @@ from .config import NUM_MEL_BINS, NUM_FRAMES, TARGET_LENGTH, atomic_file
 from .model import ModelConfig, CAVMAESync, CAVMAESyncClassifier, CAVMAESyncEncoder
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'COMPACT_KEEP', 'CheckpointError', 'strip_prefix', 'safe_load', 'OfficialLayout', 'count_blocks',
-           'infer_official_config', 'check_state_dict', 'file_sha256', 'describe_architecture', 'load_official',
-           'Checkpoint', 'unwrap_model', 'atomic_torch_save', 'save_checkpoint', 'is_our_format',
-           'checkpoint_from_payload', 'load_checkpoint', 'convert_trusted_checkpoint', 'capture_rng_state',
-           'restore_rng_state', 'compact_checkpoint', 'load_model_file', 'holds_classifier', 'ImageNetInit',
-           'init_from_imagenet_mae']
+__all__ = ['CHECKPOINT_FORMAT', 'SAFETENSORS_SUFFIX', 'RELEASED_HEADS', 'RELEASED_DECODER_HEADS', 'COMPACT_KEEP',
+           'CheckpointError', 'is_our_format', 'strip_prefix', 'safe_load', 'read_weights_file', 'OfficialLayout',
+           'count_blocks', 'infer_official_config', 'check_state_dict', 'nonfinite_tensors', 'file_sha256',
+           'describe_architecture', 'ModelFile', 'load_official', 'Checkpoint', 'unwrap_model', 'atomic_torch_save',
+           'save_checkpoint', 'checkpoint_from_payload', 'load_checkpoint', 'convert_trusted_checkpoint',
+           'capture_rng_state', 'restore_rng_state', 'compact_checkpoint', 'check_device', 'load_model_file',
+           'holds_classifier', 'ImageNetInit', 'init_from_imagenet_mae']
 
 # %% ../nbs/06_checkpoint.ipynb #032c291f
 class CheckpointError(ValueError):
     "A checkpoint that cannot be read or does not match the model; the message names the file or tensor."
+
+CHECKPOINT_FORMAT = 'cavmae_sync.checkpoint/1'
+
+def is_our_format(payload) -> bool:
+    "Whether a loaded file claims to be a cavmae_sync checkpoint (any version): then it is never read as released weights."
+    return isinstance(payload, dict) and str(payload.get('format', '')).startswith('cavmae_sync.checkpoint/')
 
 def strip_prefix(state_dict: dict, prefixes: tuple = ('module.', '_orig_mod.')) -> dict:
     "Remove the `nn.DataParallel` / DDP (`module.`) and `torch.compile` (`_orig_mod.`) prefixes from every key."
@@ -68,11 +76,32 @@ def safe_load(path,                       # a file written by `torch.save`
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {e})") from e
 
+SAFETENSORS_SUFFIX = '.safetensors'
+
+def _is_safetensors(path: Path) -> bool:
+    "A `.safetensors` name, or the format's first bytes: a little-endian header length, then the JSON header's '{'."
+    if path.suffix.lower() == SAFETENSORS_SUFFIX: return True
+    with open(path, 'rb') as f: head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and 0 < int.from_bytes(head[:8], 'little') < path.stat().st_size
+
+def read_weights_file(path,                    # a `torch.save` file (.pt, .pth) or a `.safetensors` file
+                      map_location='cpu',      # where its tensors are loaded
+                     ):                        # what the file holds (a safetensors file: its dict of tensors)
+    "The contents of a model file, read without running code from it: `safe_load`, or the safetensors reader."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if not _is_safetensors(path): return safe_load(path, map_location)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try: return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a safetensors file ({type(e).__name__}: {e})") from None
+
 def _read_state_dict(source, map_location='cpu') -> tuple[dict, str]:
     "A state dict from a path or an in-memory dict, with the DataParallel prefix stripped."
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return strip_prefix(_unwrap_state_dict(safe_load(path, map_location), str(path))), str(path)
+        return strip_prefix(_unwrap_state_dict(read_weights_file(path, map_location), str(path))), str(path)
     if isinstance(source, dict): return strip_prefix(_unwrap_state_dict(source, 'state dict')), 'state dict'
     raise TypeError(f"expected a path or a state dict, got {type(source).__name__}")
 
@@ -91,9 +120,27 @@ def count_blocks(state_dict: dict, name: str) -> int:
         raise CheckpointError(f"{name}: block indices {sorted(indices)} are not contiguous from 0")
     return len(indices)
 
+RELEASED_HEADS = {768: 12}              # the released encoders (ViT-B): width -> attention heads
+RELEASED_DECODER_HEADS = {512: 16}      # the released MAE decoder: width -> attention heads
+
+def _heads(given: Optional[int],        # the heads the caller passed (None: not passed)
+           width: int,                  # the width the weights have
+           released: dict,              # the released width -> heads
+           what: str,                   # 'encoder' or 'MAE decoder', for the message
+           argument: str,               # the argument that sets them, for the message
+           shapes: str,                 # what the shapes say, for the message
+          ) -> int:
+    "The number of attention heads: as given, the released one at the released width, else a `CheckpointError`."
+    if given is not None: return given
+    if width in released: return released[width]
+    raise CheckpointError(
+        f"the {what} is {width} wide, not the released {next(iter(released))} ({shapes}); the number of attention "
+        f"heads is not stored in a state dict and cannot be read off its shapes, so it is not guessed: "
+        f"pass {argument}=H (a model saved with cavmae_sync.checkpoint.save_checkpoint records it)")
+
 def infer_official_config(state_dict: dict,              # official state dict, prefix stripped
-                          num_heads: int = 12,           # encoder heads (not visible in the weights)
-                          decoder_num_heads: int = 16,   # decoder heads
+                          num_heads: Optional[int] = None,   # encoder heads (not in the weights; None: 12 at width 768)
+                          decoder_num_heads: Optional[int] = None,   # decoder heads (None: 16 at width 512)
                           num_frames: Optional[int] = None,  # T for evaluation; None: 16 for frame windows, 1 for whole clips
                          ) -> OfficialLayout:
     "Infer the model configuration of an official CAV-MAE / CAV-MAE Sync state dict from its names and shapes."
@@ -112,20 +159,27 @@ def infer_official_config(state_dict: dict,              # official state dict, 
     R2 = state_dict['register_tokens'].shape[0] if 'register_tokens' in state_dict else 0
     if R2 % 2: raise CheckpointError(f"register_tokens: {R2} rows, expected 2R (R audio + R visual)")
     head_depth = count_blocks(state_dict, 'constrative_head_audio')
-    settings = dict(embed_dim=D, num_heads=num_heads, patch_size=p, image_size=side * p, audio_length=audio_length,
+    settings = dict(embed_dim=D, patch_size=p, image_size=side * p, audio_length=audio_length,
                     mlp_ratio=state_dict['blocks_a.0.mlp.fc1.weight'].shape[0] / D,
                     modality_depth=modality_depth, joint_depth=count_blocks(state_dict, 'blocks_u'),
                     global_tokens='cls_token_a' in state_dict, num_registers=R2 // 2,
                     contrastive_heads=head_depth > 0, contrastive_head_depth=head_depth or 2)
     if settings['joint_depth'] == 0: raise CheckpointError("blocks_u: no joint block in the state dict")
+    shapes = (f"patch_embed_v.proj.weight {tuple(state_dict['patch_embed_v.proj.weight'].shape)}: "
+              f"{modality_depth} + {settings['joint_depth']} blocks, {side * p}-pixel frames, "
+              f"{audio_length}-frame audio, {R2 // 2} registers")
+    settings['num_heads'] = _heads(num_heads, D, RELEASED_HEADS, 'encoder', 'num_heads', shapes)
     if settings['mlp_ratio'] == int(settings['mlp_ratio']): settings['mlp_ratio'] = float(int(settings['mlp_ratio']))
     whole_clip = audio_length >= TARGET_LENGTH and not settings['global_tokens'] and not R2     # the CAV-MAE baseline
     if num_frames is None: num_frames = 1 if whole_clip else NUM_FRAMES
     settings['num_frames'] = num_frames
     settings['frame_preset'] = 'cavmae' if whole_clip else 'released'       # the frames each release was trained on
     if 'decoder_embed.weight' in state_dict:
-        settings.update(decoder_embed_dim=state_dict['decoder_embed.weight'].shape[0], decoder_num_heads=decoder_num_heads,
-                        decoder_depth=count_blocks(state_dict, 'decoder_blocks'))
+        width = state_dict['decoder_embed.weight'].shape[0]
+        decoder_shapes = f"decoder_embed.weight {tuple(state_dict['decoder_embed.weight'].shape)}"
+        settings.update(decoder_embed_dim=width, decoder_depth=count_blocks(state_dict, 'decoder_blocks'),
+                        decoder_num_heads=_heads(decoder_num_heads, width, RELEASED_DECODER_HEADS, 'MAE decoder',
+                                                 'decoder_num_heads', decoder_shapes))
         return OfficialLayout(ModelConfig(**settings), 'pretrain')
     if 'mlp_head.1.weight' in state_dict:
         return OfficialLayout(ModelConfig(**settings), 'finetune', state_dict['mlp_head.1.weight'].shape[0])
@@ -145,10 +199,43 @@ def check_state_dict(model: nn.Module, state_dict: dict) -> None:
     if mismatched: problems.append(f"mis-shaped tensors {mismatched}")
     if problems: raise CheckpointError("state dict does not match the model: " + "; ".join(problems))
 
-def _build_and_assign(build, state_dict: dict) -> nn.Module:
+def nonfinite_tensors(state_dict: dict) -> list[str]:
+    "Names of the floating tensors holding a NaN or an infinity (meta tensors, which hold no values, are skipped)."
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]
+
+def _as_weights(state_dict: dict,        # names and shapes already checked against `own`
+                own: dict,               # the built model's state dict (meta tensors: their dtypes)
+                source: str,             # the file, named in the warning
+                dtype=torch.float32,     # the precision of the floating weights (None: as stored)
+               ) -> dict:
+    "The tensors in the model's precision: half / double precision cast (double with a warning), integers refused."
+    wrong = {k: str(v.dtype).removeprefix('torch.') for k, v in state_dict.items()
+             if own[k].is_floating_point() and not v.is_floating_point()}
+    if wrong:
+        raise CheckpointError(
+            f"{len(wrong)} tensors are stored as {sorted(set(wrong.values()))} where the model has floating-point "
+            f"weights (e.g. {dict(list(wrong.items())[:3])}): not weights this model can use (quantized or damaged?)")
+    if dtype is None: return state_dict
+    double = [k for k, v in state_dict.items() if v.dtype == torch.float64 and dtype != torch.float64]
+    if double:
+        warnings.warn(f"{source}: {len(double)} tensors stored in float64 (e.g. {double[0]}) are read as "
+                      f"{str(dtype).removeprefix('torch.')}, the precision the model computes in", stacklevel=3)
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state_dict.items()}
+
+def _build_and_assign(build,                       # makes the model (called on the meta device)
+                      state_dict: dict,            # its tensors (names, shapes, dtypes are checked)
+                      source: str = 'state dict',  # where they come from, named in warnings
+                      dtype=torch.float32,         # the precision of the floating weights (None: as stored)
+                     ) -> nn.Module:
     "Build the model on the meta device (no init, no memory) and assign the checkpoint tensors to it."
     with torch.device('meta'): model = build()
     check_state_dict(model, state_dict)
+    state_dict = _as_weights(state_dict, model.state_dict(), source, dtype)
+    broken = nonfinite_tensors(state_dict)
+    if broken:
+        raise CheckpointError(f"{len(broken)} tensors hold NaN or infinite values (e.g. {broken[:3]}): the training "
+                              "that wrote them diverged, or the file is damaged; every output would be NaN")
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
@@ -161,40 +248,76 @@ def file_sha256(path) -> str:
 
 def describe_architecture(config: ModelConfig) -> str:
     "CAV-MAE Sync (frame-aligned windows, global / register tokens) or the CAV-MAE baseline, as the weights say."
+    width = f"width {config.embed_dim}, {config.num_heads} heads"
     if not config.is_cavmae_baseline:
         parts = [f"{config.audio_length}-frame audio windows", f"{config.num_registers} register tokens",
                  'global tokens' if config.global_tokens else 'no global tokens (mean-pooled features)']
         if config.contrastive_heads: parts.append('contrastive heads')
-        return f"CAV-MAE Sync architecture ({', '.join(parts)}; width {config.embed_dim})"
+        return f"CAV-MAE Sync architecture ({', '.join(parts)}; {width})"
     return (f"CAV-MAE architecture (one {config.audio_length}-frame spectrogram per clip, no global or register tokens; "
-            f"width {config.embed_dim}): not CAV-MAE Sync")
+            f"{width}): not CAV-MAE Sync")
 
-def load_official(state_dict_or_path,             # path to an official .pth, or its state dict
-                  num_heads: int = 12,            # encoder attention heads
-                  decoder_num_heads: int = 16,    # decoder attention heads
+@dataclass
+class ModelFile:
+    "What a model file held, as `load_model_file` and `load_official` report it (the model's `model_file`)."
+    path: Path                   # the file
+    sha256: str                  # its checksum, to compare with the published one
+    kind: str                    # 'cavmae_sync checkpoint' or 'released weights (a bare state dict)', + classifier
+    architecture: str            # `describe_architecture` of the weights
+    stored: list                 # the floating dtypes as stored, e.g. ['float16'] for a compact copy
+    loaded: str                  # the floating dtype of the returned model
+
+    def __str__(self) -> str:
+        stored = '/'.join(self.stored) or self.loaded
+        precision = stored if stored == self.loaded else f"stored in {stored}, loaded as {self.loaded}"
+        return f"{self.path}: sha256 {self.sha256}; {self.kind}; {self.architecture}; {precision}"
+
+def _model_file(path, kind: str, model: nn.Module, state_dict: dict) -> ModelFile:
+    "The `ModelFile` of a model just loaded from `path` with these stored tensors."
+    stored = sorted({str(v.dtype).removeprefix('torch.') for v in state_dict.values() if v.is_floating_point()})
+    loaded = sorted({str(v.dtype).removeprefix('torch.') for v in model.state_dict().values() if v.is_floating_point()})
+    if isinstance(model, CAVMAESyncClassifier): kind += f", fine-tuned classifier ({model.num_classes} classes)"
+    return ModelFile(Path(path), file_sha256(path), kind, describe_architecture(model.config), stored, '/'.join(loaded))
+
+def _released_model(state_dict: dict,               # prefix stripped
+                    source: str,                    # the file or 'state dict', named in warnings
+                    num_heads: Optional[int],
+                    decoder_num_heads: Optional[int],
+                    num_frames: Optional[int],
+                    dtype,
+                   ) -> Union[CAVMAESync, CAVMAESyncClassifier]:
+    "The model of a bare official-format state dict, its configuration read off the shapes (`infer_official_config`)."
+    layout = infer_official_config(state_dict, num_heads, decoder_num_heads, num_frames)
+    if layout.kind == 'pretrain': build = lambda: CAVMAESync(layout.config)
+    else: build = lambda: CAVMAESyncClassifier(layout.config, layout.num_classes, 'multimodal', 'mean')
+    return _build_and_assign(build, state_dict, source, dtype)
+
+def load_official(state_dict_or_path,             # path to an official .pth / .safetensors, or its state dict
+                  num_heads: Optional[int] = None,  # encoder attention heads (None: 12 for the released width 768)
+                  decoder_num_heads: Optional[int] = None,  # decoder attention heads (None: 16 at width 512)
                   num_frames: Optional[int] = None,  # T recorded in the config (see `infer_official_config`)
                   map_location='cpu',             # where a file's tensors are loaded
                   verbose: bool = True,           # print the file's sha256 and the architecture read off it
+                  dtype=torch.float32,            # floating weights in this precision (None: as stored)
                  ) -> Union[CAVMAESync, CAVMAESyncClassifier]:
-    "Load an official CAV-MAE / CAV-MAE Sync checkpoint strictly; returns the model in eval mode."
-    state_dict, source = _read_state_dict(state_dict_or_path, map_location)
-    if not isinstance(state_dict_or_path, (str, os.PathLike)):
+    "Load official CAV-MAE / CAV-MAE Sync weights strictly (a file of ours goes to `load_model_file`); eval mode."
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        path = Path(state_dict_or_path)
+        payload = read_weights_file(path, map_location)
+        if is_our_format(payload):               # a checkpoint of ours records its heads: never guessed
+            return load_model_file(path, map_location, num_heads, decoder_num_heads, dtype=dtype, verbose=verbose)
+        state_dict, source = strip_prefix(_unwrap_state_dict(payload, str(path))), str(path)
+    else:
+        state_dict, source = _read_state_dict(state_dict_or_path, map_location)
         state_dict = {k: v.detach().clone() for k, v in state_dict.items()}   # do not alias the caller's tensors
-    try:
-        layout = infer_official_config(state_dict, num_heads, decoder_num_heads, num_frames)
-        if layout.kind == 'pretrain': build = lambda: CAVMAESync(layout.config)
-        else: build = lambda: CAVMAESyncClassifier(layout.config, layout.num_classes, 'multimodal', 'mean')
-        model = _build_and_assign(build, state_dict)
-    except CheckpointError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    if verbose and isinstance(state_dict_or_path, (str, os.PathLike)):
-        print(f"{source}: sha256 {file_sha256(source)}; {describe_architecture(layout.config)}"
-              + (f", fine-tuned classifier ({layout.num_classes} classes)" if layout.kind == 'finetune' else ''))
+    try: model = _released_model(state_dict, source, num_heads, decoder_num_heads, num_frames, dtype)
+    except (CheckpointError, ValueError) as e: raise CheckpointError(f"{source}: {e}") from None
+    if source != 'state dict':
+        model.model_file = _model_file(source, 'released weights (a bare state dict)', model, state_dict)
+        if verbose: print(model.model_file)
     return model.eval()
 
 # %% ../nbs/06_checkpoint.ipynb #eb3fccc0
-CHECKPOINT_FORMAT = 'cavmae_sync.checkpoint/1'
-
 @dataclass
 class Checkpoint:
     "A checkpoint written by `save_checkpoint`."
@@ -205,15 +328,18 @@ class Checkpoint:
     state_dict: dict                  # model weights
     training_state: dict = field(default_factory=dict)  # optimizer, scheduler, scaler, step, rng, ...
 
-    def build_model(self, device='cpu') -> nn.Module:
+    def build_model(self,
+                    device='cpu',                 # where the model goes
+                    dtype=torch.float32,          # floating weights in this precision (None: as stored)
+                   ) -> nn.Module:
         "The model with these weights, on `device`, in train mode."
         classes = {'CAVMAESync': CAVMAESync, 'CAVMAESyncClassifier': CAVMAESyncClassifier}
         if self.model_class not in classes: raise CheckpointError(f"{self.path}: unknown model class {self.model_class!r}")
         cls = classes[self.model_class]
-        # two builds must not share tensors; weights stored in half precision (`compact_checkpoint`) are widened back to float32,
-        # the precision every model trains and runs its parameters in (autocast computes in bf16/fp16 from float32 parameters)
-        weights = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v.clone() for k, v in self.state_dict.items()}
-        try: model = _build_and_assign(lambda: cls(self.config, **self.model_kwargs), weights)
+        # two builds must not share tensors; weights stored in half precision (`compact_checkpoint`) are widened back to
+        # float32, the precision every model trains and runs its parameters in (autocast computes in bf16/fp16 from them)
+        weights = {k: v.clone() for k, v in self.state_dict.items()}
+        try: model = _build_and_assign(lambda: cls(self.config, **self.model_kwargs), weights, str(self.path), dtype)
         except CheckpointError as e: raise CheckpointError(f"{self.path}: {e}") from None
         return model.to(device)
 
@@ -254,10 +380,6 @@ def save_checkpoint(path,                          # destination file
         if model.aggregation == 'attention': kwargs['attention_depth'] = len(model.aggregator.blocks)
     written = Checkpoint(Path(path), model.config, type(model).__name__, kwargs, model.state_dict(), training_state)
     return atomic_torch_save(written.payload(), path)
-
-def is_our_format(payload) -> bool:
-    "Whether a loaded file claims to be a cavmae_sync checkpoint (any version): then it is never read as released weights."
-    return isinstance(payload, dict) and str(payload.get('format', '')).startswith('cavmae_sync.checkpoint/')
 
 def checkpoint_from_payload(payload: dict, path) -> Checkpoint:
     "The `Checkpoint` in a loaded payload; a `CheckpointError` naming the file when it is another version or malformed."
@@ -338,23 +460,58 @@ def compact_checkpoint(path,       # a checkpoint written by `save_checkpoint` (
     return atomic_torch_save(replace(ckpt, path=new_path, state_dict=weights, training_state=state).payload(), new_path)
 
 # %% ../nbs/06_checkpoint.ipynb #ef44b560
-def load_model_file(path,                        # a cavmae_sync checkpoint (.pt) or released official weights (.pth)
-                    device='cpu',                # where the model goes
-                    num_heads: int = 12,         # released weights only: encoder heads (not visible in a state dict)
-                    decoder_num_heads: int = 16, # released weights only: decoder heads
+def check_device(device='auto',          # 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps', a torch.device
+                ) -> torch.device:
+    "The device `device` names; a `ValueError` naming it when this machine does not have it (before any work is done)."
+    if device is None or device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: found = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device={device!r}: not a device name torch reads ({e}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if found.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r}: this machine has no usable CUDA GPU (torch {torch.__version__}, CUDA build "
+                             f"{torch.version.cuda or 'none'}); use device='cpu', or 'auto' (the GPU only when there is one)")
+        if found.index is not None and found.index >= count:
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif found.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: Apple's MPS backend is not available on this machine; use device='cpu'")
+    elif found.type not in ('cpu', 'cuda', 'mps', 'meta'):
+        try: torch.empty(0, device=found)
+        except Exception as e: raise ValueError(f"device={device!r}: not usable on this machine ({e})") from None
+    return found
+
+def load_model_file(path,                        # a cavmae_sync checkpoint (.pt) or released weights (.pth, .safetensors)
+                    device='cpu',                # where the model goes (`check_device`)
+                    num_heads: Optional[int] = None,          # bare state dicts: encoder heads (None: 12 at width 768)
+                    decoder_num_heads: Optional[int] = None,  # bare state dicts: decoder heads (None: 16 at width 512)
+                    num_frames: Optional[int] = None,         # bare state dicts: T of the config (`infer_official_config`)
+                    dtype=torch.float32,         # floating weights in this precision (None: as stored, e.g. float16)
+                    verbose: bool = False,       # print what was read: file, sha256, architecture, precision
                    ) -> nn.Module:
-    "The model in `path`, whichever format it has, strictly loaded without running code from the file, in eval mode on `device`."
-    payload = safe_load(path)
-    if is_our_format(payload): model = checkpoint_from_payload(payload, path).build_model()
+    "The model in `path`, strictly loaded without running code from the file, in eval mode; `model.model_file` says what it was."
+    path, device = Path(path), check_device(device)
+    payload = read_weights_file(path)
+    if is_our_format(payload):
+        ckpt = checkpoint_from_payload(payload, path)
+        for name, given, recorded in (('num_heads', num_heads, ckpt.config.num_heads),
+                                      ('decoder_num_heads', decoder_num_heads, ckpt.config.decoder_num_heads)):
+            if given is not None and given != recorded:
+                raise CheckpointError(f"{path}: the checkpoint records {name}={recorded}; {name}={given} was passed")
+        model = ckpt.build_model(dtype=dtype)
+        model.model_file = _model_file(path, 'cavmae_sync checkpoint', model, ckpt.state_dict)
     else:
-        try: model = load_official(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
-        except CheckpointError as e:
-            raise CheckpointError(f"neither a cavmae_sync checkpoint nor loadable as official weights: {e}") from None
+        state_dict = strip_prefix(_unwrap_state_dict(payload, str(path)))
+        try: model = _released_model(state_dict, str(path), num_heads, decoder_num_heads, num_frames, dtype)
+        except (CheckpointError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a cavmae_sync checkpoint, and not readable as released weights: {e}") from None
+        model.model_file = _model_file(path, 'released weights (a bare state dict)', model, state_dict)
+    if verbose: print(model.model_file)
     return model.to(device).eval()
 
 def holds_classifier(path) -> bool:
     "Whether a checkpoint file (either format) holds a fine-tuned classifier (its weights include a classification head); read safely."
-    payload = safe_load(path)
+    payload = read_weights_file(path)
     if is_our_format(payload): state = payload.get('state_dict', {})
     else: state = payload.get('state_dict', payload.get('model', payload)) if isinstance(payload, dict) else {}
     return isinstance(state, dict) and any(str(key).startswith('mlp_head.') for key in strip_prefix(state))
