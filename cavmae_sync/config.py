@@ -76,7 +76,13 @@ def project_root() -> Path:
 
 def data_dir() -> Path:
     "Folder for generated data sets, caches and trained models: `$CAVMAE_SYNC_DATA` or `<repo>/data`."
-    return Path(os.environ.get('CAVMAE_SYNC_DATA') or project_root() / 'data')
+    given = os.environ.get('CAVMAE_SYNC_DATA')
+    if not given: return project_root() / 'data'
+    folder = Path(given).expanduser()
+    if not folder.is_dir() and not folder.parent.is_dir():      # a typo would otherwise create a tree of folders
+        raise FileNotFoundError(f"CAVMAE_SYNC_DATA={given}: neither this folder nor its parent {folder.parent} exists; "
+                                f"create it (mkdir -p {folder}) or point CAVMAE_SYNC_DATA at an existing folder")
+    return folder
 
 @contextlib.contextmanager
 def cache_lock(name: str,              # which cache, e.g. 'model-<run name>'
@@ -153,5 +159,8 @@ def atomic_file(path,                 # the file to (re)place
         if fsync:
             with open(partial, 'rb') as f: os.fsync(f.fileno())
         os.replace(partial, path)
+    except OSError as e:                 # a write through a file object (torch.save, ...) does not say which file
+        if e.filename is not None or e.errno is None: raise
+        raise OSError(e.errno, f'{e.strerror or e} while writing', str(path)) from e   # e.g. [Errno 28]: disk full
     finally:
         partial.unlink(missing_ok=True)

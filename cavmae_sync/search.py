@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_search.ipynb #0e5317bd
 from __future__ import annotations
-import argparse, json
+import argparse, contextlib, errno, json, os, socket, stat, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,20 +14,24 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import MediaError, file_identity
+from .config import MediaError, file_identity, process_alive
 from .audio import clip_spectrogram, frame_windows
-from .data import find_videos, read_clip_audio
-from .video import check_media_file, eval_transform
-from .checkpoint import atomic_torch_save, safe_load, load_model_file
+from .data import read_clip_audio
+from .video import VIDEO_EXTENSIONS, check_media_file, eval_transform
+from .checkpoint import atomic_torch_save, safe_load, load_model_file, nonfinite_tensors
 from .embeddings import embed_video, model_fingerprint, model_preprocess_config, evaluation_autocast
 
 # %% auto #0
-__all__ = ['INDEX_FORMAT', 'AGAINST', 'SearchHit', 'ClipIndex', 'embed_file', 'build_index', 'embed_audio_file',
-           'embed_image_file', 'query_vector', 'search_files', 'index_cli', 'search_cli']
+__all__ = ['INDEX_FORMAT', 'AGAINST', 'FBANK_SHIFT', 'SHORT_QUERY', 'StaleIndexWarning', 'SearchHit', 'index_problems',
+           'ClipIndex', 'FolderScan', 'scan_folder', 'index_lock', 'embed_file', 'build_index', 'ShortQueryWarning',
+           'embed_audio_file', 'embed_image_file', 'query_vector', 'search_files', 'index_cli', 'search_cli']
 
 # %% ../nbs/14_search.ipynb #b2279908
 INDEX_FORMAT = 'cavmae_sync.ClipIndex/1'
 AGAINST = ('video', 'audio')
+
+class StaleIndexWarning(UserWarning):
+    "Clips the index would have returned were left out: their files are gone or changed since they were indexed."
 
 @dataclass
 class SearchHit:
@@ -35,6 +39,32 @@ class SearchHit:
     rank: int
     path: str             # the clip, relative to the indexed folder
     score: float          # diagonal_mean (cosine units)
+
+_FIELDS = {'audio': torch.Tensor, 'video': torch.Tensor, 'paths': list, 'identities': list, 'root': str,
+           'fingerprint': str, 'checkpoint': str, 'skipped': list}
+
+def index_problems(data: dict) -> list[str]:
+    "What is wrong with the fields of a loaded index (empty when nothing is): types, shapes, lengths."
+    missing = [k for k in _FIELDS if k not in data and k not in ('checkpoint', 'skipped')]
+    unknown = sorted(set(data) - set(_FIELDS))
+    problems = [f'fields {missing} are missing'] * bool(missing) + [f'unknown fields {unknown}'] * bool(unknown)
+    problems += [f'{k!r} is a {type(data[k]).__name__}, not a {kind.__name__}'
+                 for k, kind in _FIELDS.items() if k in data and not isinstance(data[k], kind)]
+    if problems: return problems
+    audio, video = data['audio'], data['video']
+    if audio.ndim != 3 or not audio.is_floating_point():
+        return [f"'audio' is a {audio.ndim}-d {audio.dtype} tensor, not (N, T, D) floating point"]
+    if tuple(video.shape) != tuple(audio.shape) or not video.is_floating_point():
+        return [f"'video' has shape {tuple(video.shape)} ({video.dtype}), 'audio' {tuple(audio.shape)}"]
+    n = len(audio)
+    problems += [f"{k!r} has {len(data[k])} entries for {n} embedded clips" for k in ('paths', 'identities')
+                 if len(data[k]) != n]
+    problems += [f"{k!r} holds a {type(v).__name__} ({v!r:.40}), not a string" for k in ('paths', 'identities')
+                 for v in data[k][:n] if not isinstance(v, str)][:3]
+    if len(set(data['paths'])) != len(data['paths']): problems.append("'paths' names a clip twice")
+    bad = [s for s in data.get('skipped', []) if not (isinstance(s, (list, tuple)) and len(s) == 2)]
+    if bad: problems.append(f"'skipped' holds {bad[0]!r:.60}, not a [path, reason] pair")
+    return problems
 
 @dataclass
 class ClipIndex:
@@ -73,10 +103,31 @@ class ClipIndex:
         "The k clips with the highest diagonal_mean, best first."
         return self.top(self.scores(query, against), k)
 
-    def top(self, scores: torch.Tensor, k: int = 10) -> list[SearchHit]:
+    def file_state(self, row: int) -> str:
+        "'' when clip `row`'s file is the one that was embedded; else 'missing' or 'changed since it was indexed'."
+        now = file_identity(Path(self.root) / self.paths[row], with_path=False)
+        if now == self.identities[row]: return ''
+        return 'missing' if now == 'missing' else 'changed since it was indexed'
+
+    def top(self, scores: torch.Tensor,          # (N,) one score per clip
+            k: int = 10,                         # results wanted
+            check_files: bool = True,            # leave out (and warn about) clips whose file is gone or changed
+           ) -> list[SearchHit]:
+        "The k best-scoring clips, best first; a NaN or infinite score is never ranked."
         if k < 1: raise ValueError(f"k must be at least 1, got {k}")
-        values, rows = torch.topk(scores, min(k, len(scores)))
-        return [SearchHit(i + 1, self.paths[r], float(v)) for i, (v, r) in enumerate(zip(values.tolist(), rows.tolist()))]
+        if len(scores) != len(self): raise ValueError(f"{len(scores)} scores for an index of {len(self)} clips")
+        rows = torch.nonzero(torch.isfinite(scores)).flatten()                              # (M,) rankable clips
+        hits, left_out = [], []
+        for row in rows[scores[rows].argsort(descending=True, stable=True)].tolist():
+            state = self.file_state(row) if check_files else ''
+            if state: left_out.append(f'{self.paths[row]} ({state})'); continue
+            hits.append(SearchHit(len(hits) + 1, self.paths[row], float(scores[row])))
+            if len(hits) == k: break
+        if left_out:
+            warnings.warn(StaleIndexWarning(
+                f"{self.root}: {len(left_out)} indexed clips left out of the results: {', '.join(left_out[:5])}"
+                f"{' ...' if len(left_out) > 5 else ''}; rerun cavmae-sync-index on the folder to update the index"))
+        return hits
 
     def save(self, path) -> Path:
         "Write atomically (a temporary file, then a rename)."
@@ -86,16 +137,94 @@ class ClipIndex:
 
     @classmethod
     def load(cls, path) -> 'ClipIndex':
-        "Read an index without running code from the file."
+        "Read an index without running code from the file; a damaged one is refused, clips with NaN embeddings left out."
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"{path}: index not found")
         data = safe_load(path)
         if not isinstance(data, dict) or data.get('format') != INDEX_FORMAT:
-            raise ValueError(f"{path}: not a cavmae_sync clip index (format {data.get('format') if isinstance(data, dict) else type(data).__name__!r})")
+            found = data.get('format') if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path}: not a cavmae_sync clip index (format {found!r})")
         data.pop('format')
-        return cls(**data)
+        problems = index_problems(data)
+        if problems:
+            raise ValueError(f"{path}: a damaged clip index: {'; '.join(problems)}; "
+                             "build it again with cavmae-sync-index (--overwrite)")
+        index = cls(**data)
+        finite = (torch.isfinite(index.audio).flatten(1).all(1) & torch.isfinite(index.video).flatten(1).all(1))  # (N,)
+        if not bool(finite.all()):
+            broken = [p for p, ok in zip(index.paths, finite.tolist()) if not ok]
+            warnings.warn(f"{path}: {len(broken)} clips have NaN or infinite embeddings (e.g. {broken[0]}): left out, "
+                          "never ranked; rerun cavmae-sync-index to embed them again")
+            keep = finite.nonzero().flatten().tolist()
+            index = cls(index.audio[finite], index.video[finite], [index.paths[i] for i in keep],
+                        [index.identities[i] for i in keep], index.root, index.fingerprint, index.checkpoint, index.skipped)
+        return index
 
 # %% ../nbs/14_search.ipynb #8914f58e
+@dataclass
+class FolderScan:
+    "What `scan_folder` found under a folder."
+    videos: list                  # the video files (Paths through the folder, symlinked sub-folders included), sorted
+    skipped: list                 # [path under the folder, reason]: broken links, special files, loops, unreadable folders
+
+def _kind(mode: int) -> str:
+    "What a file that is not a regular file or a folder is."
+    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+             (stat.S_ISBLK, 'a block device'))
+    return next((name for test, name in kinds if test(mode)), 'not a regular file')
+
+def scan_folder(folder) -> FolderScan:
+    "Video files under `folder` by extension, following symlinked folders (each real folder read once: no loops)."
+    folder = Path(folder)
+    if not folder.is_dir(): raise FileNotFoundError(f"{folder}: not a folder")
+    videos, skipped, seen = [], [], {}                   # seen: (device, inode) of a folder -> its path under `folder`
+    def visit(directory: Path, rel: str):
+        info = directory.stat()
+        where = seen.get((info.st_dev, info.st_ino))
+        if where is not None:
+            loop = rel.startswith(f'{where}/') or not where
+            skipped.append([rel, f"symlink loop back to {where or '.'}/" if loop else f"the same folder as {where}/, read once"])
+            return
+        seen[(info.st_dev, info.st_ino)] = rel
+        try: entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append([rel or '.', f'unreadable folder ({e.strerror})']); return
+        for entry in entries:
+            name, path = f'{rel}/{entry.name}' if rel else entry.name, Path(entry.path)
+            try: target = os.stat(path)                  # follows a symlink
+            except OSError as e:
+                if entry.is_symlink(): skipped.append([name, f'broken symlink (to {os.readlink(path)})'])
+                else: skipped.append([name, f'unreadable ({e.strerror})'])
+                continue
+            if stat.S_ISDIR(target.st_mode): visit(path, name)
+            elif path.suffix.lower() not in VIDEO_EXTENSIONS: continue
+            elif stat.S_ISREG(target.st_mode): videos.append((name, path))
+            else: skipped.append([name, f"{_kind(target.st_mode)}{', through a symlink' * entry.is_symlink()}, not a video file"])
+    visit(folder, '')
+    return FolderScan([p for _, p in sorted(videos, key=lambda v: Path(v[0]).parts)], skipped)
+
+@contextlib.contextmanager
+def index_lock(out: Path):
+    "Hold `.INDEX.lock` (host, pid) beside the index file: a second indexer of the same index fails at once, naming the first."
+    lock, me = out.with_name(f'.{out.name}.lock'), f'{socket.gethostname()} {os.getpid()}'
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
+            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))   # another host's: alive
+            if alive or attempt:
+                raise FileExistsError(f"{out}: another cavmae-sync-index is writing this index (process {pid or '?'} on "
+                                      f"{host or '?'}, lock {lock}); wait for it to finish, or pass another --out "
+                                      f"(remove {lock} if that process is gone)") from None
+            lock.unlink(missing_ok=True)                 # left by a killed indexer of this host: take it over
+            continue
+        with os.fdopen(fd, 'w') as f: f.write(me)
+        break
+    try: yield
+    finally:
+        if lock.is_file() and lock.read_text().strip() == me: lock.unlink()
+
 def _empty(T: int = 0, D: int = 0) -> torch.Tensor: return torch.zeros(0, T, D, dtype=torch.float16)
 
 def _entries(index: ClipIndex) -> dict:
@@ -109,11 +238,15 @@ def _assemble(entries: dict, order: list, root, fingerprint, checkpoint, skipped
                      sorted([list(s) for s in skipped]))
 
 def embed_file(path, model, precision: str = 'fp16') -> tuple[torch.Tensor, torch.Tensor]:   # (T, D), (T, D) float16
-    "One clip's audio and visual embeddings, L2-normalized per frame, as the index stores them."
+    "One clip's audio and visual embeddings, L2-normalized per frame, as the index stores them; NaN or inf refused."
     embedding = embed_video(path, model, precision=precision)
-    return embedding.audio.half(), embedding.video.half()
+    audio, video = embedding.audio.half(), embedding.video.half()
+    if not (bool(torch.isfinite(audio).all()) and bool(torch.isfinite(video).all())):
+        raise MediaError(path, f'its embeddings are not finite (NaN or inf) with this model at precision {precision}: '
+                               'not indexed')
+    return audio, video
 
-def build_index(folder,                    # the clips (searched recursively)
+def build_index(folder,                    # the clips (searched recursively, through symlinked folders)
                 model,                     # a CAV-MAE Sync model
                 out=None,                  # the index file (default: FOLDER/cavmae_sync.index)
                 checkpoint=None,           # the model's file, recorded so that searches embed queries with it
@@ -123,46 +256,59 @@ def build_index(folder,                    # the clips (searched recursively)
                 precision: str = 'fp16',
                ) -> ClipIndex:
     "Embed every clip of `folder` once into an index file; resumes a killed run and only embeds new or changed files."
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     out = Path(out) if out is not None else folder / 'cavmae_sync.index'
     partial = out.with_name(out.name + '.partial')
+    broken = nonfinite_tensors(model.state_dict())
+    if broken:
+        raise ValueError(f"{checkpoint or 'the model'}: {len(broken)} weight tensors hold NaN or infinite values "
+                         f"(e.g. {broken[0]}): every embedding would be NaN; nothing indexed")
     fingerprint = model_fingerprint(model)
-    paths = find_videos(folder)
-    order = [p.relative_to(folder).as_posix() for p in paths]
-    entries, skipped = {}, {}
-    for previous in (out, partial):                                   # the finished index, then the newer partial one
-        if not previous.exists(): continue
-        old = ClipIndex.load(previous)
-        if old.fingerprint != fingerprint:
-            if not overwrite:
-                raise ValueError(f"{previous}: made by another model (fingerprint {old.fingerprint[:12]}, now {fingerprint[:12]}); "
-                                 "pass overwrite=True (--overwrite) to rebuild it, or choose another index file")
-            continue
-        entries.update(_entries(old))
-    current = {rel: file_identity(p, with_path=False) for rel, p in zip(order, paths)}
-    entries = {p: e for p, e in entries.items() if current.get(p) == e[2]}     # gone or changed files are dropped
-    skipped = {}                                                      # files skipped before are tried again (they may be fixed)
-    todo = [(rel, p) for rel, p in zip(order, paths) if rel not in entries]
-    done_since_save = 0
-    model.eval()
-    for rel, path in tqdm(todo, desc='indexing', unit='clip', disable=not progress):
-        try:
-            audio, video = embed_file(path, model, precision)
-            entries[rel] = (audio, video, current[rel])
-        except MediaError as e: skipped[rel] = e.reason or str(e)
-        done_since_save += 1
-        if done_since_save >= save_every:
-            _assemble(entries, order, folder, fingerprint, checkpoint, skipped.items()).save(partial)
-            done_since_save = 0
-    index = _assemble(entries, order, folder, fingerprint, checkpoint, skipped.items())
-    if not len(index): raise ValueError(f"{folder}: none of the {len(order)} video files could be embedded "
-                                        f"(e.g. {next(iter(skipped.items()), None)})")
-    index.save(out)
-    partial.unlink(missing_ok=True)
+    scan = scan_folder(folder)
+    order = [p.relative_to(folder).as_posix() for p in scan.videos]
+    with index_lock(out):
+        entries = {}
+        for previous in (out, partial):                               # the finished index, then the newer partial one
+            if not previous.exists(): continue
+            old = ClipIndex.load(previous)
+            if old.fingerprint != fingerprint:
+                if not overwrite:
+                    raise ValueError(f"{previous}: made by another model (fingerprint {old.fingerprint[:12]}, now "
+                                     f"{fingerprint[:12]}); pass overwrite=True (--overwrite) to rebuild it, or choose "
+                                     "another index file")
+                continue
+            entries.update(_entries(old))
+        current = {rel: file_identity(p, with_path=False) for rel, p in zip(order, scan.videos)}
+        entries = {p: e for p, e in entries.items() if current.get(p) == e[2]}     # gone or changed files are dropped
+        skipped = {rel: reason for rel, reason in scan.skipped}      # files skipped before are tried again (may be fixed)
+        todo = [(rel, p) for rel, p in zip(order, scan.videos) if rel not in entries]
+        done_since_save = 0
+        model.eval()
+        for rel, path in tqdm(todo, desc='indexing', unit='clip', disable=not progress):
+            try:
+                audio, video = embed_file(path, model, precision)
+                entries[rel] = (audio, video, current[rel])
+            except MediaError as e: skipped[rel] = e.reason or str(e)
+            done_since_save += 1
+            if done_since_save >= save_every:
+                _assemble(entries, order, folder, fingerprint, checkpoint, skipped.items()).save(partial)
+                done_since_save = 0
+        index = _assemble(entries, order, folder, fingerprint, checkpoint, skipped.items())
+        if not len(index):
+            raise ValueError(f"{folder}: none of the {len(order)} video files could be embedded with "
+                             f"{checkpoint or 'this model'} (e.g. {next(iter(skipped.items()), None)})")
+        index.save(out)
+        partial.unlink(missing_ok=True)
     return index
 
 # %% ../nbs/14_search.ipynb #ec17ef7b
 def _normalized(x: torch.Tensor) -> torch.Tensor: return F.normalize(x.float(), dim=-1)
+
+class ShortQueryWarning(UserWarning):
+    "A sound shorter than one of the model's audio windows: it is padded with silence, and the match means little."
+
+FBANK_SHIFT = 0.01        # seconds between fbank frames (10 ms)
+SHORT_QUERY = 0.9         # a sound below this fraction of one audio window is warned about (a 10 s clip fills 10.24 s)
 
 @torch.inference_mode()
 def embed_audio_file(path,                     # an audio file, or a video file (its sound)
@@ -172,6 +318,11 @@ def embed_audio_file(path,                     # an audio file, or a video file 
     "The T audio-window embeddings of a sound, with the model's preprocessing (the windows of a video's sound are `embed_video`'s)."
     config = model_preprocess_config(model)
     waveform = read_clip_audio(check_media_file(path), config)                                         # (N,)
+    seconds, window = waveform.shape[-1] / config.sample_rate, config.window * FBANK_SHIFT
+    if seconds < SHORT_QUERY * window:
+        warnings.warn(ShortQueryWarning(
+            f"{path}: {seconds:.2f} s of sound, shorter than one {window:.2f} s audio window of the model: padded "
+            f"with silence to {config.target_length * FBANK_SHIFT:.2f} s, so every window is mostly silence"))
     spectrogram = clip_spectrogram(waveform, config.sample_rate, config.target_length, config.audio_mean, config.audio_std,
                                    config.num_mel_bins)                                                # (S, mel)
     windows = frame_windows(spectrogram, config.num_frames, config.window)                             # (T, L, mel)
@@ -201,22 +352,36 @@ def query_vector(query: torch.Tensor,       # (T, D) or (D,) L2-normalized
     if query.ndim == 1: query = query[None].expand(num_frames, -1)                                    # (T, D)
     return query.reshape(-1).float() / num_frames ** 0.5
 
+def _finite(query: torch.Tensor, source) -> torch.Tensor:
+    "The query embedding, or a `ValueError` naming its file when it holds NaN or inf (it would match nothing)."
+    if not bool(torch.isfinite(query).all()): raise ValueError(f"{source}: the query's embedding is not finite (NaN or inf)")
+    return query
+
 def search_files(index: ClipIndex, model, audio=None, video=None, image=None, k: int = 10) -> list[SearchHit]:
     "Nearest clips to a sound (vs their frames), a picture (vs their sound) or a video (both ways, averaged)."
     given = [name for name, value in (('audio', audio), ('video', video), ('image', image)) if value is not None]
     if len(given) != 1: raise ValueError(f"give exactly one query (audio, video or image), got {given or 'none'}")
-    if audio is not None: scores = index.scores(embed_audio_file(audio, model), 'video')
-    elif image is not None: scores = index.scores(embed_image_file(image, model), 'audio')
+    if audio is not None: scores = index.scores(_finite(embed_audio_file(audio, model), audio), 'video')
+    elif image is not None: scores = index.scores(_finite(embed_image_file(image, model), image), 'audio')
     else:
         clip = embed_video(video, model)
-        scores = (index.scores(clip.audio, 'video') + index.scores(clip.video, 'audio')) / 2
+        scores = (index.scores(_finite(clip.audio, video), 'video') + index.scores(_finite(clip.video, video), 'audio')) / 2
     return index.top(scores, k)
 
 # %% ../nbs/14_search.ipynb #4a57bbc7
 def _load(checkpoint, device):
     path = Path(checkpoint)
     if not path.is_file(): raise FileNotFoundError(f"{path}: checkpoint not found")
-    return load_model_file(path, device=device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    return load_model_file(path, device=device or 'auto')
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str):
+    "Print each warning raised inside as one line on stderr (`PROG: warning: ...`), not as a source-line report."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        try: yield
+        finally:
+            for w in caught: print(f'{prog}: warning: {w.message}', file=sys.stderr)
 
 def index_cli(argv: list[str] | None = None):
     "cavmae-sync-index: embed every clip of a folder into an index file."
@@ -229,11 +394,13 @@ def index_cli(argv: list[str] | None = None):
     parser.add_argument('--overwrite', action='store_true', help='rebuild an index made by another model')
     parser.add_argument('--device', default=None)
     args = parser.parse_args(argv)
+    if args.save_every < 1: parser.error(f'--save-every must be at least 1, got {args.save_every}')
     try:
-        model = _load(args.checkpoint, args.device)
-        out = Path(args.out) if args.out else Path(args.folder) / 'cavmae_sync.index'
-        index = build_index(args.folder, model, out, checkpoint=Path(args.checkpoint).resolve(), save_every=args.save_every,
-                            overwrite=args.overwrite)
+        with _warnings_as_lines(parser.prog):
+            model = _load(args.checkpoint, args.device)
+            out = Path(args.out) if args.out else Path(args.folder) / 'cavmae_sync.index'
+            index = build_index(args.folder, model, out, checkpoint=Path(args.checkpoint).resolve(),
+                                save_every=args.save_every, overwrite=args.overwrite)
     except (ValueError, OSError) as e: parser.exit(2, f'cavmae-sync-index: {e}\n')
     print(f'{out}: {len(index)} clips indexed, {len(index.skipped)} skipped')
     for path, reason in index.skipped: print(f'skipped\t{path}\t{reason}')
@@ -252,14 +419,17 @@ def search_cli(argv: list[str] | None = None):
     parser.add_argument('--json', action='store_true', help='one JSON object per result')
     parser.add_argument('--device', default=None)
     args = parser.parse_args(argv)
+    if args.k < 1: parser.error(f'-k must be at least 1, got {args.k}')
     try:
-        index = ClipIndex.load(args.index)
-        checkpoint = args.checkpoint or index.checkpoint
-        if not checkpoint: raise ValueError(f"{args.index}: the index does not name its model file; pass --checkpoint")
-        model = _load(checkpoint, args.device)
-        if model_fingerprint(model) != index.fingerprint:
-            raise ValueError(f"{checkpoint}: not the model {args.index} was made with; pass the index's own --checkpoint or rebuild the index")
-        hits = search_files(index, model, args.audio, args.video, args.image, args.k)
+        with _warnings_as_lines(parser.prog):
+            index = ClipIndex.load(args.index)
+            checkpoint = args.checkpoint or index.checkpoint
+            if not checkpoint: raise ValueError(f"{args.index}: the index does not name its model file; pass --checkpoint")
+            model = _load(checkpoint, args.device)
+            if model_fingerprint(model) != index.fingerprint:
+                raise ValueError(f"{checkpoint}: not the model {args.index} was made with; pass the index's own "
+                                 "--checkpoint or rebuild the index")
+            hits = search_files(index, model, args.audio, args.video, args.image, args.k)
     except (ValueError, OSError) as e: parser.exit(2, f'cavmae-sync-search: {e}\n')
     for hit in hits:
         path = str(Path(index.root) / hit.path)
