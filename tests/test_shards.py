@@ -97,8 +97,10 @@ def test_a_truncated_shard_is_named(collection, tmp_path):
 
 
 def test_pretraining_streams_shards_and_resumes_bit_for_bit(clips, tmp_path):
-    """Pretraining reads shards with 2 DataLoader workers; killed right after the mid-epoch checkpoint at step 3, the resumed
-    run re-reads the epoch up to that step and ends with the uninterrupted run's losses and weights, bit for bit."""
+    """Pretraining reads shards with 2 DataLoader workers; killed right after the mid-epoch checkpoint at step 5, the resumed
+    run re-reads the epoch up to that step and ends with the uninterrupted run's losses and weights, bit for bit. The
+    run ends mid-epoch (step 6; the second epoch is steps 5-8), so a resume that re-reads one batch too many trains on
+    another batch and fails the comparison, rather than running out of batches."""
     import pandas as pd
     from cavmae_sync.checkpoint import load_checkpoint
     from cavmae_sync.shards import write_shards
@@ -110,14 +112,14 @@ def test_pretraining_streams_shards_and_resumes_bit_for_bit(clips, tmp_path):
     def run(out, **env):
         args = [*MINI_MODEL, '--model.frame_preset', 'released', '--train_data', str(tmp_path / 'shards'), '--output_dir', str(out),
                 '--batch_size', '4', '--lr', '1e-3', '--lr_reference_batch', '4', '--log_every', '1', '--progress', 'false',
-                '--tensorboard', 'false', '--seed', '3', '--num_workers', '2', '--max_steps', '6', '--checkpoint_every', '3']
+                '--tensorboard', 'false', '--seed', '3', '--num_workers', '2', '--max_steps', '6', '--checkpoint_every', '5']
         return subprocess.run(cli('cavmae-sync-pretrain') + args, capture_output=True, text=True, timeout=300,
                               env={**os.environ, 'OMP_NUM_THREADS': '1', **env})
     whole = run(tmp_path / 'whole')
     assert whole.returncode == 0, whole.stderr[-3000:]
     config = json.loads((tmp_path / 'whole' / 'config.json').read_text())
     assert config['derived']['steps_per_epoch'] == 4                      # 16 clips, 2 readers x 8, micro-batches of 4
-    killed = run(tmp_path / 'killed', CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT='3')
+    killed = run(tmp_path / 'killed', CAVMAE_SYNC_TEST_KILL_AFTER_CHECKPOINT='5')
     assert killed.returncode == 137 and not (tmp_path / 'killed' / 'model.pt').exists()
     resumed = subprocess.run(cli('cavmae-sync-pretrain') + ['--config', str(tmp_path / 'killed' / 'config.json'), '--resume', 'last'],
                              capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
