@@ -504,7 +504,7 @@ def load_model_file(path,                        # a cavmae_sync checkpoint (.pt
         state_dict = strip_prefix(_unwrap_state_dict(payload, str(path)))
         try: model = _released_model(state_dict, str(path), num_heads, decoder_num_heads, num_frames, dtype)
         except (CheckpointError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a cavmae_sync checkpoint, and not readable as released weights: {e}") from None
+            raise CheckpointError(f"{path}: neither a cavmae_sync checkpoint nor readable as released weights: {e}") from None
         model.model_file = _model_file(path, 'released weights (a bare state dict)', model, state_dict)
     if verbose: print(model.model_file)
     return model.to(device).eval()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_reproduce.ipynb #15f15bc2
 from __future__ import annotations
-import dataclasses, json, math, os, tempfile
+import dataclasses, json, math, os, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +15,14 @@ import torch
 from .config import project_root, data_dir, cache_lock   # cache_lock: the notebooks and tests import it from here too
 from .data import read_datafile
 from .video import VIDEO_EXTENSIONS
-from .checkpoint import holds_classifier, load_model_file
+from .checkpoint import check_device, holds_classifier, load_model_file
 from .metrics import PairedGain, paired_bootstrap    # the notebooks import them from here too
 
 # %% auto #0
-__all__ = ['DATASETS', 'CLASS_SETS', 'check_dataset', 'data_file', 'missing_media', 'require_video_data', 'require_ade20k_sound',
-           'resolve_device', 'load_model', 'is_classifier_checkpoint', 'check_method', 'Outputs', 'synthetic_testbed',
-           'in_test', 'quick_sizes', 'PretrainingSummary', 'pretraining_summary', 'pretraining_notes',
-           'testbed_checkpoints']
+__all__ = ['DATASETS', 'CLASS_SETS', 'check_dataset', 'NotebookParameters', 'check_parameters', 'data_file', 'missing_media',
+           'require_video_data', 'require_ade20k_sound', 'resolve_device', 'load_model', 'is_classifier_checkpoint',
+           'check_method', 'Outputs', 'synthetic_testbed', 'in_test', 'quick_sizes', 'PretrainingSummary',
+           'pretraining_summary', 'pretraining_notes', 'testbed_checkpoints']
 
 # %% ../nbs/12_reproduce.ipynb #bf342b69
 DATASETS = {
@@ -40,6 +40,42 @@ def check_dataset(dataset: str,        # the notebook's `dataset` parameter
     "The description of `dataset`; a `ValueError` naming the choices when the notebook does not run on it."
     if dataset not in supported: raise ValueError(f"dataset={dataset!r}: {task} runs on one of {list(supported)}")
     return DATASETS[dataset]
+
+# %% ../nbs/12_reproduce.ipynb #c7a1e0f3
+@dataclass
+class NotebookParameters:
+    "A reproduction notebook's parameters, checked (`check_parameters`)."
+    dataset_name: str                  # the data set's description (`DATASETS`)
+    device: torch.device               # where the encoders run
+    checkpoint: Path | None            # the model file passed (None: not passed)
+
+def _positive_int(name: str, value) -> int:
+    "`value` when it is a positive integer, else a `ValueError` naming the parameter."
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not whole or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a whole number of at least 1")
+    return int(value)
+
+def check_parameters(task: str,              # what the notebook does, for messages ('retrieval', ...)
+                     dataset: str,           # the `dataset` parameter
+                     supported: list,        # the data sets this notebook runs on
+                     device='auto',          # the `device` parameter
+                     checkpoint=None,        # the `checkpoint` parameter (None: not passed)
+                     **counts,               # parameters that must be positive integers: train_steps=..., ...
+                    ) -> NotebookParameters:
+    "Every parameter a notebook would otherwise trip over late, checked at once: a `ValueError` / `FileNotFoundError` naming it."
+    dataset_name = check_dataset(dataset, supported, task)
+    for name, value in counts.items(): _positive_int(name, value)
+    found = check_device(device)
+    path = Path(checkpoint).expanduser() if checkpoint else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"checkpoint={str(checkpoint)!r}: no such file"
+                                + (" (the synthetic default does not need one)" if dataset == 'synthetic' else ''))
+    if path is not None and dataset == 'synthetic':
+        warnings.warn(f"checkpoint={str(checkpoint)!r} is not used: on dataset='synthetic' {task} compares the testbed's "
+                      "own models (checkpoints/testbed); pass a real dataset (-p dataset ...) to evaluate it")
+    if dataset == 'synthetic': data_dir()          # where the testbed is generated: a mistyped CAVMAE_SYNC_DATA fails now
+    return NotebookParameters(dataset_name, found, path)
 
 # %% ../nbs/12_reproduce.ipynb #4554a45b
 def data_file(given,                   # the path passed as a parameter (None: not passed)
@@ -123,14 +159,16 @@ def require_ade20k_sound(data_root,              # the ADE20KSoundPrompted folde
 
 # %% ../nbs/12_reproduce.ipynb #73cc80c4
 def resolve_device(device: str = 'auto') -> torch.device:
-    "'auto': the GPU when there is one, else the CPU; anything else as `torch.device` reads it."
-    return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    "'auto': the GPU when there is one, else the CPU; anything else as `torch.device` reads it, refused when absent (`check_device`)."
+    return check_device(device)
 
-def load_model(path,                   # a cavmae_sync checkpoint (.pt) or released official weights (.pth)
+def load_model(path,                   # a cavmae_sync checkpoint (.pt) or released weights (.pth, .safetensors)
                device='cpu',           # where the model goes
+               num_heads=None,         # a bare state dict not 768 wide: its encoder heads (not in the weights)
+               decoder_num_heads=None, # ... and its decoder heads
               ) -> torch.nn.Module:
-    "The model in `path`, whichever format it has, strictly loaded without running code from the file (`checkpoint.load_model_file`), in eval mode on `device`."
-    return load_model_file(path, device)
+    "The model in `path` (`checkpoint.load_model_file`), in eval mode on `device`; prints the file, its sha256 and architecture."
+    return load_model_file(path, device, num_heads, decoder_num_heads, verbose=True)
 
 def is_classifier_checkpoint(path) -> bool:
     "Whether a checkpoint file (either format) holds a fine-tuned classifier, read safely (`checkpoint.holds_classifier`)."
