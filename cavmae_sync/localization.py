@@ -360,33 +360,64 @@ class LocalizationMaps:
         "`localization_scores` of these maps (`empty_classes`: 'zero' as DenseAV, or 'exclude')."
         return localization_scores(self.maps, self.masks, self.classes, self.class_names, num_thresholds, empty_classes)
 
+class _Loaded(torch.utils.data.Dataset):
+    "`load(i)` for each of `indices`: lets a DataLoader decode a set's files in worker processes."
+    def __init__(self, load, indices): self.load, self.indices = load, list(indices)
+    def __len__(self): return len(self.indices)
+    def __getitem__(self, k): return self.load(self.indices[k])
+
+def _positions_of(keys: list) -> dict:
+    "{key: [positions holding it]}, keys in order of first appearance."
+    positions = {}
+    for i, key in enumerate(keys): positions.setdefault(key, []).append(i)
+    return positions
+
 @torch.inference_mode()
 def localization_maps(model,                        # a `CAVMAESync` model
                       dataset: ADE20KSound,
-                      batch_size: int = 16,         # prompts per encoder call
+                      batch_size: int = 16,         # sounds or images per encoder call
                       device=None,                  # default: the model's device
                       num_workers: int = 0,         # DataLoader workers (decoding)
                       progress: bool = True,
                       precision: str = 'fp16',      # CUDA autocast: 'fp16' (released evaluation), 'bf16' or 'fp32'; CPU: fp32
                      ) -> LocalizationMaps:
-    "Similarity maps of every (image, sound prompt) pair of an ADE20K Sound set."
+    """Similarity maps of every (image, sound prompt) pair of an ADE20K Sound set. A sound's query is the mean of its T
+    windows' normalized audio embeddings; each distinct sound file and each distinct image is encoded once."""
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision_tag(device, precision)                                       # refuse an unknown precision before decoding
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda')
-    maps, masks, classes = [], [], []
+    loader = lambda load, indices: torch.utils.data.DataLoader(_Loaded(load, indices), batch_size=batch_size,
+                                                               num_workers=num_workers, pin_memory=device.type == 'cuda')
+    sound_of = [str(dataset.audio_path(i)) for i in range(len(dataset))]
+    image_of = [str(dataset.image_path(i)) for i in range(len(dataset))]
+    sounds, images = _positions_of(sound_of), _positions_of(image_of)                  # {file: [prompts]}
+    queries = []
     with eval_mode(model):
-        for batch in tqdm(loader, desc='localization maps', disable=not progress):
-            audio = batch['audio'].to(device, non_blocking=True)                          # (B, T, L, mel)
-            frames = batch['frame'].to(device, non_blocking=True)                         # (B, 3, S, S)
-            B, T = audio.shape[:2]
+        first_prompts = [prompts[0] for prompts in sounds.values()]
+        for audio in tqdm(loader(dataset.load_audio_windows, first_prompts), desc='prompt sounds', disable=not progress):
+            B, T = audio.shape[:2]                                                        # (B, T, L, mel)
             with evaluation_autocast(device, precision):
-                audio_out = model.encode_audio(audio.flatten(0, 1))                       # embedding (B*T, D)
-                video_out = model.encode_video(frames)                                    # tokens (B, Nv, D)
-            windows = F.normalize(audio_out.embedding.float(), dim=-1).reshape(B, T, -1)  # (B, T, D)
-            maps.append(similarity_maps(windows.mean(1), video_out.tokens.float(), size=tuple(frames.shape[-2:])).cpu())
-            masks.append(batch['mask']); classes += batch['class_id'].tolist()
-    return LocalizationMaps(torch.cat(maps), torch.cat(masks), classes, dataset.class_names)
+                heard = model.encode_audio(audio.flatten(0, 1).to(device, non_blocking=True))   # embedding (B*T, D)
+            windows = F.normalize(heard.embedding.float(), dim=-1).reshape(B, T, -1)      # (B, T, D)
+            queries.append(windows.mean(1))                                               # (B, D)
+        query_row = dict(zip(sounds, range(len(sounds))))
+        queries = torch.cat(queries)                                                      # (U, D) one per sound file
+        maps, paths = [None] * len(dataset), list(images)
+        first_prompts = [prompts[0] for prompts in images.values()]
+        for start, frames in zip(range(0, len(paths), batch_size),
+                                 tqdm(loader(dataset.load_frame, first_prompts), desc='localization maps',
+                                      disable=not progress)):
+            with evaluation_autocast(device, precision):
+                tokens = model.encode_video(frames.to(device, non_blocking=True)).tokens.float()   # (B, Nv, D)
+            for b, path in enumerate(paths[start:start + batch_size]):
+                prompts = images[path]
+                query = queries[[query_row[sound_of[i]] for i in prompts]]                      # (P, D)
+                image_maps = similarity_maps(query, tokens[b].expand(len(prompts), -1, -1),
+                                             size=tuple(frames.shape[-2:])).cpu()              # (P, S, S)
+                for i, m in zip(prompts, image_maps): maps[i] = m
+    masks = torch.stack([dataset.load_mask(i) for i in range(len(dataset))])                  # (M, S, S)
+    return LocalizationMaps(torch.stack(maps), masks, [dataset.class_id(i) for i in range(len(dataset))],
+                            dataset.class_names)
 
 def evaluate_localization(model, dataset: ADE20KSound, num_thresholds: int = 20, empty_classes: str = 'zero', **kwargs) -> LocalizationResult:
     "ADE20K Sound mAP / mIoU of a model (DenseAV's rules by default; `kwargs` go to `localization_maps`, e.g. `precision`)."

@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 
 # %% auto #0
-__all__ = ['NO_POSITIVE_RULES', 'NO_POSITIVE_WARNING', 'to_tensor', 'binary_targets', 'average_precision_columns',
+__all__ = ['NO_POSITIVE_RULES', 'NO_POSITIVE_WARNING', 'P_FLOOR', 'to_tensor', 'binary_targets', 'average_precision_columns',
            'average_precision', 'MAPResult', 'mean_average_precision', 'class_indices', 'accuracy', 'RankCounts',
            'rank_counts', 'retrieval_ranks', 'recall_hits', 'recall_metrics', 'best_iou', 'PairedGain',
-           'paired_bootstrap', 'above_chance']
+           'paired_bootstrap', 'above_chance', 'RankTest', 'uniform_rank_sum_cdf', 'rank_test']
 
 # %% ../nbs/06b_metrics.ipynb #43b25942
 def to_tensor(x, name: str) -> torch.Tensor:
@@ -288,3 +288,50 @@ def above_chance(percent: float,       # an observed rate in percent (e.g. R@1)
     def log_pmf(i): return math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
     tail = sum(math.exp(log_pmf(i)) for i in range(k, n + 1))                   # P(X >= k) by chance
     return k > n * p and tail < alpha
+
+# %% ../nbs/06b_metrics.ipynb #2c1d4544
+P_FLOOR = 1e-10    # smallest p-value the float64 convolution resolves (its rounding error is about 1e-13)
+
+@dataclass
+class RankTest:
+    "The mean rank of the true matches against the mean of uniformly random ranks (exact null, one-sided)."
+    mean_rank: float    # observed mean rank (1 = best; expected rank under a random order of ties)
+    chance: float       # (N + 1) / 2: the mean rank of uniformly random ranks
+    p_value: float      # P(mean of Q independent uniform ranks on 1..N <= the observed mean)
+    queries: int        # Q
+    candidates: int     # N
+
+    def passed(self, alpha: float = 1e-3) -> bool:
+        "Whether the ranks beat uniformly random ranks at level `alpha`."
+        return self.p_value < alpha
+
+    @property
+    def p_text(self) -> str:
+        return f'p < {P_FLOOR:g}' if self.p_value < P_FLOOR else f'p = {self.p_value:.2g}'
+
+def uniform_rank_sum_cdf(queries: int,      # Q ranks summed
+                         candidates: int,   # each uniform on 1..N
+                        ) -> np.ndarray:    # (Q * (N - 1) + 1,) P(S - Q <= s) for s = 0 .. Q(N - 1)
+    "Distribution of the sum S of Q independent ranks uniform on 1..N: the Q-fold convolution of the uniform."
+    size = queries * (candidates - 1) + 1
+    uniform = np.full(candidates, 1 / candidates)                       # (N,) pmf of one rank minus 1
+    spectrum = np.fft.rfft(uniform, size) ** queries                    # size >= support: no wrap-around
+    pmf = np.fft.irfft(spectrum, size)                                  # (size,)
+    return np.clip(np.cumsum(pmf), 0.0, 1.0)
+
+def rank_test(ranks,             # (Q,) rank of each query's true match, 1 = best (e.g. `retrieval_ranks`)
+              candidates: int,   # N: candidates each query is ranked among
+             ) -> RankTest:
+    "One-sided test of the mean rank against uniformly random ranks, with its exact null distribution."
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.ndim != 1 or len(ranks) == 0:
+        raise ValueError(f"rank_test needs a 1-D array of ranks, got shape {ranks.shape}")
+    if not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"rank_test: candidates must be a positive integer, got {candidates!r}")
+    outside = ranks[~((ranks >= 1) & (ranks <= candidates))]
+    if len(outside):
+        raise ValueError(f"rank_test: ranks must lie in 1..{candidates}, got {outside[:5].tolist()}")
+    queries = len(ranks)
+    shifted_sum = math.ceil(round(ranks.sum(), 6)) - queries           # ties: rounded up, never in the model's favour
+    p_value = float(uniform_rank_sum_cdf(queries, int(candidates))[shifted_sum])
+    return RankTest(float(ranks.mean()), (candidates + 1) / 2, p_value, queries, int(candidates))

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 
 from .config import data_dir, project_root
 from .embeddings import clip_ids, clip_sources, embed_dataset, model_preprocess_config
-from .metrics import recall_hits, recall_metrics
+from .metrics import rank_counts, recall_metrics
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'DIRECTIONS', 'ARROWS', 'similarity', 'retrieval_table', 'class_balanced_subset', 'RetrievalSubset',
            'paper_list_path', 'read_clip_list', 'list_subset', 'paper_subset', 'drawn_subset', 'evaluation_subset',
-           'RetrievalRun', 'retrieval_hits', 'embedding_cache', 'run_retrieval', 'testbed_evaluations',
-           'ClassSetRecognition', 'top_matches', 'class_set_recognition', 'TopMatchSpread', 'top_match_spread',
-           'paper_table', 'paper_side_by_side', 'plot_retrieval']
+           'RetrievalRun', 'RetrievalEvidence', 'retrieval_evidence', 'retrieval_hits', 'embedding_cache',
+           'run_retrieval', 'testbed_evaluations', 'ClassSetRecognition', 'top_matches', 'class_set_recognition',
+           'TopMatchSpread', 'top_match_spread', 'paper_table', 'paper_side_by_side', 'plot_retrieval']
 
 # %% ../nbs/09_retrieval.ipynb #ab400370
 STRATEGIES = ('diagonal_mean', 'diagonal_max', 'mean', 'max')
@@ -237,12 +237,32 @@ class RetrievalRun:
         "{direction: (N,) per-query R@1} of one evaluation."
         return retrieval_hits(self.embeddings[name], strategy)
 
+    def evidence(self, name: str, strategy: str = 'diagonal_mean') -> RetrievalEvidence:
+        "Per-query R@1 and ranks of one evaluation, what its verdicts and training checks read."
+        return retrieval_evidence(name, self.embeddings[name], strategy)
+
+@dataclass
+class RetrievalEvidence:
+    "Where each query's true match ranks, per direction, in one evaluation."
+    name: str                  # the evaluation's name
+    hits: dict                 # {direction: (N,) expected R@1 hit of each query}
+    ranks: dict                # {direction: (N,) expected rank of each query's true match, 1 = best}
+
+def retrieval_evidence(name: str,                       # the evaluation's name
+                       embeddings,                      # a `ClipEmbeddings` (audio and video (N, T, D))
+                       strategy: str = 'diagonal_mean',
+                      ) -> RetrievalEvidence:
+    "Per-query R@1 and rank of the true match in both directions (ties counted in expectation, as the tables)."
+    scores = similarity(embeddings.audio, embeddings.video, strategy)                # (N, N) audio x video
+    counts = {d: rank_counts(matrix) for d, matrix in zip(DIRECTIONS, (scores, scores.T))}
+    return RetrievalEvidence(name, {d: c.hits(1).double().numpy() for d, c in counts.items()},
+                             {d: c.expected_rank.numpy() for d, c in counts.items()})
+
 def retrieval_hits(embeddings,                     # a `ClipEmbeddings` (audio and video (N, T, D))
                    strategy: str = 'diagonal_mean',
                   ) -> dict:                       # {direction: (N,) expected R@1 hit of each query}
     "Per-query R@1 (ties counted in expectation, as the tables) in both directions."
-    scores = similarity(embeddings.audio, embeddings.video, strategy)                # (N, N) audio x video
-    return {d: recall_hits(matrix, 1).double().numpy() for d, matrix in zip(DIRECTIONS, (scores, scores.T))}
+    return retrieval_evidence('', embeddings, strategy).hits
 
 def embedding_cache(tag: str, name: str) -> Path:
     "The embedding cache file of evaluation `name` in a run tagged `tag` (the data set, checkpoint and subset)."

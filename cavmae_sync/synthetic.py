@@ -16,7 +16,7 @@ __all__ = ['SYNTHETIC_VERSION', 'CLASS_LOOKS', 'SOUND_KINDS', 'MAX_CLASSES', 'BA
            'TOP_FILES', 'DEFAULT_NUM_TRAIN', 'DEFAULT_NUM_TEST', 'hz_to_mel', 'mel_to_hz', 'hue_colour',
            'num_ingredients', 'ingredient_pairs', 'Ingredient', 'sound_ingredients', 'SourceClass', 'source_classes',
            'SyntheticConfig', 'sampled_frame_indices', 'clip_rng', 'source_sets', 'class_set_pool', 'Scene',
-           'choose_decoys', 'sample_scene', 'shape_mask', 'texture_lit', 'object_colours', 'sounding_at',
+           'choose_decoys', 'sample_scene', 'shape_mask', 'texture_lit', 'object_colours', 'draw_shape', 'sounding_at',
            'RenderedVideo', 'render_video', 'synth_sound', 'class_sound', 'render_audio', 'class_waveform',
            'class_window', 'x264_options', 'write_mp4', 'ClipGroundTruth', 'load_ground_truth', 'video_id',
            'generate_clip', 'own_files', 'SyntheticDataset', 'make_synthetic', 'cache_folder', 'default_synthetic',
@@ -360,7 +360,7 @@ def sample_scene(config: SyntheticConfig,   # parameters of the set
     for _ in range(int(rng.integers(config.num_distractors[0], config.num_distractors[1] + 1))):   # silent grey clutter
         shape = str(rng.choice(['circle', 'square', 'triangle', 'bar']))
         grey = rng.uniform(0.3, 0.6) * (1 - 0.3 * (0.5 + 0.5 * np.cos(2 * np.pi * (rng.uniform() - np.arange(3) / 3))))
-        _draw(background, shape, rng.uniform(6 * s, config.image_size - 6 * s, 2), rng.uniform(3.5, 7) * s, grey.astype(np.float32))
+        draw_shape(background, shape, rng.uniform(6 * s, config.image_size - 6 * s, 2), rng.uniform(3.5, 7) * s, grey.astype(np.float32))
     return Scene(classes, K, drives, radii, centres, drift, wobble, wobble_period, wobble_phase, segments, gains, background,
                  float(rng.uniform(*config.noise_rms)), float(config.duration), int(rng.integers(2**63)))
 
@@ -402,7 +402,7 @@ def object_colours(cls: SourceClass) -> tuple:
     "(active, idle) lit RGB colours in 0..1 of a class: the same brightness (mean of R, G, B), the idle one with less chroma."
     return hue_colour(cls.hue).astype(np.float32), hue_colour(cls.hue, chroma=LIT_CHROMA * IDLE_CHROMA).astype(np.float32)
 
-def _draw(frame, shape, centre, radius, lit_colour, texture='solid', scale=1.0):
+def draw_shape(frame, shape, centre, radius, lit_colour, texture='solid', scale=1.0):
     "Paint one object into `frame` (H, W, 3) float32 in place; return its bounding-box slices and inside mask."
     height, width = frame.shape[:2]
     x0, x1 = max(0, int(centre[0] - radius) - 1), min(width, int(centre[0] + radius) + 2)
@@ -460,7 +460,7 @@ def render_video(scene: Scene, config: SyntheticConfig, classes: list[SourceClas
                 radius = scene.radii[o] * (PULSE_SCALE + PULSE_DEPTH * np.sin(2 * np.pi * PULSE_HZ * (times[i] - started)))
                 colour = colours[o][0]
             else: radius, colour = scene.radii[o] * PULSE_SCALE, colours[o][1]
-            box, inside = _draw(frame, cls.shape, positions[o, i], radius, colour, cls.texture, config.scale)
+            box, inside = draw_shape(frame, cls.shape, positions[o, i], radius, colour, cls.texture, config.scale)
             if i in slot:
                 masks[o, slot[i]][box] = inside
                 centres[o, slot[i]], radii[o, slot[i]] = positions[o, i], radius

@@ -1,6 +1,7 @@
 """The reproduction notebooks' shared plumbing: the one-message stop on missing real data, checkpoint loading of either format,
 output paths, and the paired bootstrap."""
-import json
+import json, math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -93,12 +94,13 @@ def test_paired_bootstrap_interval():
 
 
 # ---------------------------------------------------------------------------------------------- verdicts on hand-made hits
-from cavmae_sync.claims import ChanceCheck, chance_check, judge_claim, retrieval_claim, localization_claim
+from cavmae_sync.claims import (ChanceCheck, chance_check, judge_claim, retrieval_check, retrieval_claim, localization_claim,
+                                trained_check)
 from cavmae_sync.metrics import PairedGain, above_chance
 from cavmae_sync.reproduce import cache_lock, in_test, quick_sizes
 import pandas as pd
 
-from cavmae_sync.retrieval import DIRECTIONS
+from cavmae_sync.retrieval import DIRECTIONS, RetrievalEvidence
 
 
 def hits(rate_a2v, rate_v2a, n=200, seed=0):
@@ -107,31 +109,52 @@ def hits(rate_a2v, rate_v2a, n=200, seed=0):
     return {d: rng.permutation((np.arange(n) < round(rate * n / 100)).astype(float)) for d, rate in zip(DIRECTIONS, (rate_a2v, rate_v2a))}
 
 
-@pytest.mark.parametrize('sync, cavmae, outcome', [
-    ((40.0, 70.0), (8.0, 9.0), 'held'),              # both left 5x chance (2.5% of 200), Sync far ahead
-    ((12.0, 9.0), (8.0, 9.0), 'not shown'),          # both trained, the gaps are within the noise
-    ((5.0, 4.0), (30.0, 40.0), 'did not hold'),      # both trained, CAV-MAE ahead
-    ((40.0, 70.0), (0.5, 0.0), 'no verdict'),        # the README's first run: CAV-MAE at chance, whatever the gap
-    ((2.0, 1.5), (0.5, 0.5), 'no verdict'),          # neither
+def evidence(name, rates, trained=True, n=200, seed=0):
+    "Hand-made retrieval evidence: R@1 at `rates`; the other true matches rank 2..40 (trained) or anywhere (untrained)."
+    rng = np.random.default_rng(seed + 100)
+    top = hits(*rates, n=n, seed=seed)
+    high = 41 if trained else n + 1
+    return RetrievalEvidence(name, top, {d: np.where(h > 0, 1.0, rng.integers(2, high, n)) for d, h in top.items()})
+
+
+LEARNED = SimpleNamespace(contrastive_end=2.9, contrastive_chance=math.log(32))
+
+
+@pytest.mark.parametrize('sync, cavmae, cavmae_trained, outcome', [
+    ((40.0, 70.0), (8.0, 9.0), True, 'held'),            # both trained, Sync far ahead
+    ((12.0, 9.0), (8.0, 9.0), True, 'not shown'),        # both trained, the gaps are within the noise
+    ((5.0, 4.0), (30.0, 40.0), True, 'did not hold'),    # both trained, CAV-MAE ahead
+    ((40.0, 70.0), (1.0, 1.0), True, 'held'),            # R@1 under 5x chance, but its ranks show it trained
+    ((40.0, 70.0), (0.5, 0.0), False, 'no verdict'),     # CAV-MAE's ranks no better than random, whatever the gap
 ])
-def test_retrieval_claim_on_hand_made_hits(sync, cavmae, outcome):
-    verdict = retrieval_claim('frame-aligned windows beat the whole clip', ('Sync', hits(*sync)), ('CAV-MAE', hits(*cavmae, seed=1)))
+def test_retrieval_claim_on_hand_made_ranks(sync, cavmae, cavmae_trained, outcome):
+    "Retrieval verdicts are gated by the rank test of each model (has it trained?), not by R@1 against chance."
+    a, b = evidence('Sync', sync), evidence('CAV-MAE', cavmae, cavmae_trained, seed=1)
+    checks = [trained_check(a, LEARNED), trained_check(b, LEARNED)]
+    verdict = retrieval_claim('frame-aligned windows beat the whole clip', a, b, checks)
     assert verdict.outcome == outcome, verdict.headline
     if outcome == 'no verdict':
-        assert verdict.headline.startswith('**No verdict**') and 'did not leave chance' in verdict.headline
-        assert not verdict.table()['all left chance'].all()
+        assert verdict.headline.startswith('**No verdict**') and 'CAV-MAE has not trained' in verdict.headline
+        assert not verdict.table()['all passed checks'].all()
     else:
-        assert 'No verdict' not in verdict.headline and verdict.table()['all left chance'].all()
+        assert 'No verdict' not in verdict.headline and verdict.table()['all passed checks'].all()
     gains = verdict.table().set_index('measure')['gain']
-    for d, a, b in zip(DIRECTIONS, sync, cavmae):                     # the gain is Sync minus CAV-MAE, in points
-        assert gains[f'{d} R@1'] == pytest.approx(a - b, abs=1e-9)
+    for d, x, y in zip(DIRECTIONS, sync, cavmae):                     # the gain is Sync minus CAV-MAE, in points
+        assert gains[f'{d} R@1'] == pytest.approx(x - y, abs=1e-9)
+
+
+def test_a_loss_at_log_batch_is_not_trained():
+    "Good ranks alone are not enough: the training contrastive loss must have ended below log(batch)."
+    stuck = SimpleNamespace(contrastive_end=3.47, contrastive_chance=math.log(32))
+    check = trained_check(evidence('m', (10.0, 10.0)), stuck)
+    assert not check.passed and check.failed_measures == ['contrastive loss']
 
 
 def test_an_ablation_reference_needs_ten_times_chance():
-    at_six = hits(3.0, 3.0)                                          # 6x chance of 0.5%, 6 hits of 200
-    variant = hits(3.0, 3.5, seed=1)
-    assert retrieval_claim('c', ('reference', at_six), ('variant', variant), factors=(5.0, 5.0)).outcome != 'no verdict'
-    strict = retrieval_claim('c', ('reference', at_six), ('variant', variant), factors=(10.0, 5.0))
+    at_six, variant = evidence('reference', (3.0, 3.0)), evidence('variant', (3.0, 3.5), seed=1)   # 6x chance of 0.5%
+    trained = [trained_check(at_six, LEARNED), trained_check(variant, LEARNED)]
+    assert retrieval_claim('c', at_six, variant, trained).outcome != 'no verdict'
+    strict = retrieval_claim('c', at_six, variant, [*trained, retrieval_check('reference', at_six.hits, 10.0)])
     assert strict.outcome == 'no verdict' and 'reference did not leave chance' in strict.headline
 
 
@@ -151,23 +174,24 @@ def test_a_failed_control_is_no_verdict():
 
 
 class Evidence:
-    "Stands in for `testbed_localization.LocalizationEvidence`: hits per frame, clips, and whether the controls passed."
+    "Stands in for `testbed_localization.LocalizationEvidence`: hits per prompt, clips, and whether the controls passed."
     def __init__(self, model, rate, passed, clips=40, frames=10, seed=0):
         rng = np.random.default_rng(seed)
         self.model, self.controls_passed = model, passed
         self.clips = np.repeat(np.arange(clips), frames)
         self.hits = (rng.random(clips * frames) < rate).astype(float)
-        self.control_failure = '' if passed else 'does not beat the audio-free brightness map'
-        self.lines = [f'- {model}: controls {"passed" if passed else "failed"}']
+        self.control_failure = '' if passed else 'does not beat the brightness map'
+        self.control_evidence = f'pointing accuracy {self.hits.mean() * 100:.1f}%'
 
 
-def test_localization_claim_needs_one_model_that_localizes_by_sound():
-    checks = [chance_check('A', {'R@1': 30.0}, 0.5, 200), chance_check('B', {'R@1': 20.0}, 0.5, 200)]
-    assert localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, False, seed=1), checks).outcome == 'held'
-    neither = localization_claim('c', Evidence('A', 0.7, False), Evidence('B', 0.2, False, seed=1), checks)
-    assert neither.outcome == 'no verdict' and 'neither model localizes by sound' in neither.headline
-    with pytest.raises(ValueError, match='different frames'):
-        localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, True, clips=20), checks)
+def test_localization_claim_needs_each_model_to_pass_its_controls():
+    "Each compared model must pass localization's own controls; retrieval does not enter."
+    assert localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, True, seed=1)).outcome == 'held'
+    one = localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, False, seed=1))
+    assert one.outcome == 'no verdict' and 'B fails its control (does not beat the brightness map)' in one.headline
+    assert 'A fails' not in one.headline and [c.passed for c in one.checks] == [True, False]
+    with pytest.raises(ValueError, match='different prompts'):
+        localization_claim('c', Evidence('A', 0.7, True), Evidence('B', 0.2, True, clips=20))
 
 
 # ---------------------------------------------------------------------------------------------- test runs
