@@ -337,7 +337,7 @@ class Checkpoint:
         if self.model_class not in classes: raise CheckpointError(f"{self.path}: unknown model class {self.model_class!r}")
         cls = classes[self.model_class]
         # two builds must not share tensors; weights stored in half precision (`compact_checkpoint`) are widened back to
-        # float32, the precision every model trains and runs its parameters in (autocast computes in bf16/fp16 from them)
+        # float32, the precision every model trains and runs its parameters in (autocast computes in half from them)
         weights = {k: v.clone() for k, v in self.state_dict.items()}
         try: model = _build_and_assign(lambda: cls(self.config, **self.model_kwargs), weights, str(self.path), dtype)
         except CheckpointError as e: raise CheckpointError(f"{self.path}: {e}") from None
@@ -460,18 +460,20 @@ def compact_checkpoint(path,       # a checkpoint written by `save_checkpoint` (
     return atomic_torch_save(replace(ckpt, path=new_path, state_dict=weights, training_state=state).payload(), new_path)
 
 # %% ../nbs/06_checkpoint.ipynb #ef44b560
-def check_device(device='auto',          # 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps', a torch.device
+def check_device(device='auto',          # 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:1', 'mps', ...
                 ) -> torch.device:
     "The device `device` names; a `ValueError` naming it when this machine does not have it (before any work is done)."
     if device is None or device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try: found = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"device={device!r}: not a device name torch reads ({e}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise ValueError(f"device={device!r}: not a device name torch reads ({e}); "
+                         "use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if found.type == 'cuda':
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"device={device!r}: this machine has no usable CUDA GPU (torch {torch.__version__}, CUDA build "
-                             f"{torch.version.cuda or 'none'}); use device='cpu', or 'auto' (the GPU only when there is one)")
+            raise ValueError(f"device={device!r}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use device='cpu', or 'auto' "
+                             "(the GPU only when there is one)")
         if found.index is not None and found.index >= count:
             raise ValueError(f"device={device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     elif found.type == 'mps' and not torch.backends.mps.is_available():
@@ -481,15 +483,15 @@ def check_device(device='auto',          # 'auto' (the GPU when there is one), '
         except Exception as e: raise ValueError(f"device={device!r}: not usable on this machine ({e})") from None
     return found
 
-def load_model_file(path,                        # a cavmae_sync checkpoint (.pt) or released weights (.pth, .safetensors)
+def load_model_file(path,                        # our checkpoint (.pt) or released weights (.pth, .safetensors)
                     device='cpu',                # where the model goes (`check_device`)
                     num_heads: Optional[int] = None,          # bare state dicts: encoder heads (None: 12 at width 768)
                     decoder_num_heads: Optional[int] = None,  # bare state dicts: decoder heads (None: 16 at width 512)
-                    num_frames: Optional[int] = None,         # bare state dicts: T of the config (`infer_official_config`)
+                    num_frames: Optional[int] = None,         # bare state dicts: T of the config
                     dtype=torch.float32,         # floating weights in this precision (None: as stored, e.g. float16)
                     verbose: bool = False,       # print what was read: file, sha256, architecture, precision
                    ) -> nn.Module:
-    "The model in `path`, strictly loaded without running code from the file, in eval mode; `model.model_file` says what it was."
+    "The model in `path`, strictly loaded without running code from the file, in eval mode (`model.model_file`: what it was)."
     path, device = Path(path), check_device(device)
     payload = read_weights_file(path)
     if is_our_format(payload):
@@ -504,7 +506,8 @@ def load_model_file(path,                        # a cavmae_sync checkpoint (.pt
         state_dict = strip_prefix(_unwrap_state_dict(payload, str(path)))
         try: model = _released_model(state_dict, str(path), num_heads, decoder_num_heads, num_frames, dtype)
         except (CheckpointError, ValueError) as e:
-            raise CheckpointError(f"{path}: neither a cavmae_sync checkpoint nor readable as released weights: {e}") from None
+            raise CheckpointError(f"{path}: neither a cavmae_sync checkpoint nor readable as released weights: "
+                                  f"{e}") from None
         model.model_file = _model_file(path, 'released weights (a bare state dict)', model, state_dict)
     if verbose: print(model.model_file)
     return model.to(device).eval()

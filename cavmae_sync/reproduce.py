@@ -63,7 +63,7 @@ def check_parameters(task: str,              # what the notebook does, for messa
                      checkpoint=None,        # the `checkpoint` parameter (None: not passed)
                      **counts,               # parameters that must be positive integers: train_steps=..., ...
                     ) -> NotebookParameters:
-    "Every parameter a notebook would otherwise trip over late, checked at once: a `ValueError` / `FileNotFoundError` naming it."
+    "Every parameter a notebook would trip over late, checked at once: a `ValueError` / `FileNotFoundError` naming it."
     dataset_name = check_dataset(dataset, supported, task)
     for name, value in counts.items(): _positive_int(name, value)
     found = check_device(device)
@@ -72,9 +72,9 @@ def check_parameters(task: str,              # what the notebook does, for messa
         raise FileNotFoundError(f"checkpoint={str(checkpoint)!r}: no such file"
                                 + (" (the synthetic default does not need one)" if dataset == 'synthetic' else ''))
     if path is not None and dataset == 'synthetic':
-        warnings.warn(f"checkpoint={str(checkpoint)!r} is not used: on dataset='synthetic' {task} compares the testbed's "
-                      "own models (checkpoints/testbed); pass a real dataset (-p dataset ...) to evaluate it")
-    if dataset == 'synthetic': data_dir()          # where the testbed is generated: a mistyped CAVMAE_SYNC_DATA fails now
+        warnings.warn(f"checkpoint={str(checkpoint)!r} is not used: on dataset='synthetic' {task} compares the "
+                      "testbed's own models (checkpoints/testbed); pass a real dataset (-p dataset ...) to evaluate it")
+    if dataset == 'synthetic': data_dir()          # the testbed goes there: a mistyped CAVMAE_SYNC_DATA fails now
     return NotebookParameters(dataset_name, found, path)
 
 # %% ../nbs/12_reproduce.ipynb #4554a45b
@@ -159,7 +159,7 @@ def require_ade20k_sound(data_root,              # the ADE20KSoundPrompted folde
 
 # %% ../nbs/12_reproduce.ipynb #73cc80c4
 def resolve_device(device: str = 'auto') -> torch.device:
-    "'auto': the GPU when there is one, else the CPU; anything else as `torch.device` reads it, refused when absent (`check_device`)."
+    "'auto': the GPU when there is one, else the CPU; anything else as `torch.device` reads it, refused when absent."
     return check_device(device)
 
 def load_model(path,                   # a cavmae_sync checkpoint (.pt) or released weights (.pth, .safetensors)
@@ -167,7 +167,7 @@ def load_model(path,                   # a cavmae_sync checkpoint (.pt) or relea
                num_heads=None,         # a bare state dict not 768 wide: its encoder heads (not in the weights)
                decoder_num_heads=None, # ... and its decoder heads
               ) -> torch.nn.Module:
-    "The model in `path` (`checkpoint.load_model_file`), in eval mode on `device`; prints the file, its sha256 and architecture."
+    "The model in `path` (`checkpoint.load_model_file`) in eval mode on `device`; prints the file, sha256, architecture."
     return load_model_file(path, device, num_heads, decoder_num_heads, verbose=True)
 
 def is_classifier_checkpoint(path) -> bool:

@@ -137,7 +137,7 @@ class ClipIndex:
 
     @classmethod
     def load(cls, path) -> 'ClipIndex':
-        "Read an index without running code from the file; a damaged one is refused, clips with NaN embeddings left out."
+        "Read an index without running code from the file; refused when damaged, clips with NaN embeddings left out."
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"{path}: index not found")
         data = safe_load(path)
@@ -157,7 +157,8 @@ class ClipIndex:
                           "never ranked; rerun cavmae-sync-index to embed them again")
             keep = finite.nonzero().flatten().tolist()
             index = cls(index.audio[finite], index.video[finite], [index.paths[i] for i in keep],
-                        [index.identities[i] for i in keep], index.root, index.fingerprint, index.checkpoint, index.skipped)
+                        [index.identities[i] for i in keep], index.root, index.fingerprint, index.checkpoint,
+                        index.skipped)
         return index
 
 # %% ../nbs/14_search.ipynb #8914f58e
@@ -165,7 +166,7 @@ class ClipIndex:
 class FolderScan:
     "What `scan_folder` found under a folder."
     videos: list                  # the video files (Paths through the folder, symlinked sub-folders included), sorted
-    skipped: list                 # [path under the folder, reason]: broken links, special files, loops, unreadable folders
+    skipped: list                 # [path under the folder, reason]: broken links, special files, loops, ...
 
 def _kind(mode: int) -> str:
     "What a file that is not a regular file or a folder is."
@@ -183,7 +184,8 @@ def scan_folder(folder) -> FolderScan:
         where = seen.get((info.st_dev, info.st_ino))
         if where is not None:
             loop = rel.startswith(f'{where}/') or not where
-            skipped.append([rel, f"symlink loop back to {where or '.'}/" if loop else f"the same folder as {where}/, read once"])
+            reason = f"symlink loop back to {where or '.'}/" if loop else f"the same folder as {where}/, read once"
+            skipped.append([rel, reason])
             return
         seen[(info.st_dev, info.st_ino)] = rel
         try: entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -199,23 +201,25 @@ def scan_folder(folder) -> FolderScan:
             if stat.S_ISDIR(target.st_mode): visit(path, name)
             elif path.suffix.lower() not in VIDEO_EXTENSIONS: continue
             elif stat.S_ISREG(target.st_mode): videos.append((name, path))
-            else: skipped.append([name, f"{_kind(target.st_mode)}{', through a symlink' * entry.is_symlink()}, not a video file"])
+            else:
+                through = ', through a symlink' * entry.is_symlink()
+                skipped.append([name, f"{_kind(target.st_mode)}{through}, not a video file"])
     visit(folder, '')
     return FolderScan([p for _, p in sorted(videos, key=lambda v: Path(v[0]).parts)], skipped)
 
 @contextlib.contextmanager
 def index_lock(out: Path):
-    "Hold `.INDEX.lock` (host, pid) beside the index file: a second indexer of the same index fails at once, naming the first."
+    "Hold `.INDEX.lock` (host, pid) beside the index file: a second indexer of the same index fails at once, naming it."
     lock, me = out.with_name(f'.{out.name}.lock'), f'{socket.gethostname()} {os.getpid()}'
     lock.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
         try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
-            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))   # another host's: alive
+            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))  # other host: alive
             if alive or attempt:
-                raise FileExistsError(f"{out}: another cavmae-sync-index is writing this index (process {pid or '?'} on "
-                                      f"{host or '?'}, lock {lock}); wait for it to finish, or pass another --out "
+                raise FileExistsError(f"{out}: another cavmae-sync-index is writing this index (process {pid or '?'} "
+                                      f"on {host or '?'}, lock {lock}); wait for it to finish, or pass another --out "
                                       f"(remove {lock} if that process is gone)") from None
             lock.unlink(missing_ok=True)                 # left by a killed indexer of this host: take it over
             continue
@@ -280,7 +284,7 @@ def build_index(folder,                    # the clips (searched recursively, th
             entries.update(_entries(old))
         current = {rel: file_identity(p, with_path=False) for rel, p in zip(order, scan.videos)}
         entries = {p: e for p, e in entries.items() if current.get(p) == e[2]}     # gone or changed files are dropped
-        skipped = {rel: reason for rel, reason in scan.skipped}      # files skipped before are tried again (may be fixed)
+        skipped = {rel: reason for rel, reason in scan.skipped}      # files skipped before are tried again
         todo = [(rel, p) for rel, p in zip(order, scan.videos) if rel not in entries]
         done_since_save = 0
         model.eval()
@@ -354,7 +358,8 @@ def query_vector(query: torch.Tensor,       # (T, D) or (D,) L2-normalized
 
 def _finite(query: torch.Tensor, source) -> torch.Tensor:
     "The query embedding, or a `ValueError` naming its file when it holds NaN or inf (it would match nothing)."
-    if not bool(torch.isfinite(query).all()): raise ValueError(f"{source}: the query's embedding is not finite (NaN or inf)")
+    if not bool(torch.isfinite(query).all()):
+        raise ValueError(f"{source}: the query's embedding is not finite (NaN or inf)")
     return query
 
 def search_files(index: ClipIndex, model, audio=None, video=None, image=None, k: int = 10) -> list[SearchHit]:
@@ -365,7 +370,8 @@ def search_files(index: ClipIndex, model, audio=None, video=None, image=None, k:
     elif image is not None: scores = index.scores(_finite(embed_image_file(image, model), image), 'audio')
     else:
         clip = embed_video(video, model)
-        scores = (index.scores(_finite(clip.audio, video), 'video') + index.scores(_finite(clip.video, video), 'audio')) / 2
+        scores = (index.scores(_finite(clip.audio, video), 'video')
+                  + index.scores(_finite(clip.video, video), 'audio')) / 2
     return index.top(scores, k)
 
 # %% ../nbs/14_search.ipynb #4a57bbc7
@@ -424,7 +430,8 @@ def search_cli(argv: list[str] | None = None):
         with _warnings_as_lines(parser.prog):
             index = ClipIndex.load(args.index)
             checkpoint = args.checkpoint or index.checkpoint
-            if not checkpoint: raise ValueError(f"{args.index}: the index does not name its model file; pass --checkpoint")
+            if not checkpoint:
+                raise ValueError(f"{args.index}: the index does not name its model file; pass --checkpoint")
             model = _load(checkpoint, args.device)
             if model_fingerprint(model) != index.fingerprint:
                 raise ValueError(f"{checkpoint}: not the model {args.index} was made with; pass the index's own "

@@ -204,7 +204,8 @@ def test_nan_embeddings_are_never_ranked_and_nan_models_index_nothing(three_clip
     torch.save(payload, three_clips / 'cavmae_sync.index')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        hits = search_files(ClipIndex.load(three_clips / 'cavmae_sync.index'), search_model, audio=three_clips / 'clip1.mp4')
+        reread = ClipIndex.load(three_clips / 'cavmae_sync.index')
+        hits = search_files(reread, search_model, audio=three_clips / 'clip1.mp4')
     assert [h.path for h in hits if h.path == 'clip0.mp4'] == [] and len(hits) == 2
     assert any('clip0.mp4' in str(w.message) and 'NaN' in str(w.message) for w in caught)
     nan_scores = torch.tensor([float('nan'), 0.2, 0.1])
@@ -213,9 +214,14 @@ def test_nan_embeddings_are_never_ranked_and_nan_models_index_nothing(three_clip
     with torch.no_grad(): broken.blocks_a[0].mlp.fc1.weight.fill_(float('nan'))
     nan_file = save_checkpoint(tmp_path / 'nan_model.pt', broken)
     code, out, err = run_cli(index_cli, [three_clips, '--checkpoint', nan_file, '--out', tmp_path / 'nan.index'])
-    assert code == 2 and str(nan_file) in err and 'blocks_a.0.mlp.fc1.weight' in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / 'nan.index').exists()
-    with pytest.raises(ValueError, match='NaN'): build_index(three_clips, broken, tmp_path / 'nan2.index', progress=False)
+    assert code == 2 and str(nan_file) in err and 'blocks_a.0.mlp.fc1.weight' in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'nan.index').exists()
+    with pytest.raises(ValueError, match='NaN'):
+        build_index(three_clips, broken, tmp_path / 'nan2.index', progress=False)
+    # the offset tool with that model blames the model file, not the clip
+    from cavmae_sync.sync import offset_cli
+    code, _, err = run_cli(offset_cli, [three_clips / 'clip0.mp4', '--checkpoint', nan_file])
+    assert code == 2 and str(nan_file) in err and 'NaN' in err and 'too short' not in err
 
 
 def test_a_model_file_is_read_as_what_its_shapes_say_or_refused(tmp_path):
@@ -251,7 +257,7 @@ def test_a_model_file_is_read_as_what_its_shapes_say_or_refused(tmp_path):
             assert model.model_file.sha256 in str(model.model_file) and 'architecture' in model.model_file.architecture
 
 
-def test_indexing_follows_symlinked_folders_lists_what_it_skips_and_locks_the_index(three_clips, search_model, tmp_path):
+def test_indexing_follows_symlinked_folders_lists_skips_and_locks_the_index(three_clips, search_model, tmp_path):
     "Finding 8: symlinked sub-folders indexed (a loop read once), special files and broken links listed, one indexer."
     other = tmp_path / 'elsewhere'
     other.mkdir(); random_clip(other / 'far.mp4', 5)
@@ -275,7 +281,7 @@ def test_indexing_follows_symlinked_folders_lists_what_it_skips_and_locks_the_in
         code, _, err = run_cli(index_cli, [three_clips, '--checkpoint', checkpoint, '--out', out])
         assert code == 2 and f'process {holder.pid}' in err and not out.exists()
     finally: holder.kill(); holder.wait()
-    code, out_text, _ = run_cli(index_cli, [three_clips, '--checkpoint', checkpoint, '--out', out])   # its holder is gone
+    code, out_text, _ = run_cli(index_cli, [three_clips, '--checkpoint', checkpoint, '--out', out])   # holder gone
     assert code == 0 and 'skipped\tpipe.mp4' in out_text and not (tmp_path / '.shared.index.lock').exists()
 
 
@@ -299,7 +305,8 @@ def test_a_damaged_index_a_full_disk_and_a_short_query_are_named(three_clips, se
     # a 50 ms sound: answered, with a warning giving its length and what it was padded to
     import soundfile
     soundfile.write(str(tmp_path / 'blip.wav'), 0.3 * np.random.default_rng(0).standard_normal(800), 16000)
-    code, out, err = run_cli(search_cli, [three_clips / 'cavmae_sync.index', '--audio', tmp_path / 'blip.wav', '-k', '1'])
+    index = three_clips / 'cavmae_sync.index'
+    code, out, err = run_cli(search_cli, [index, '--audio', tmp_path / 'blip.wav', '-k', '1'])
     assert code == 0 and len(out.splitlines()) == 1
     assert '0.05 s of sound' in err and '0.64 s audio window' in err and 'padded with silence to 10.24 s' in err
 
@@ -310,7 +317,8 @@ NOTEBOOKS = ['retrieval', 'classification', 'localization', 'ablations']
 @pytest.mark.parametrize('notebook', NOTEBOOKS)
 def test_each_reproduction_notebook_checks_its_parameters_first(notebook):
     "Finding 10 / issue 25.5: the first code cell after the parameters calls `check_parameters` before any work."
-    cells = [c for c in json.loads((ROOT / 'nbs' / f'{notebook}.ipynb').read_text())['cells'] if c['cell_type'] == 'code']
+    notebook_cells = json.loads((ROOT / 'nbs' / f'{notebook}.ipynb').read_text())['cells']
+    cells = [c for c in notebook_cells if c['cell_type'] == 'code']
     first = next(i for i, c in enumerate(cells) if 'parameters' in c['metadata'].get('tags', []))
     source = ''.join(cells[first + 1]['source'])
     assert 'check_parameters(' in source and 'device' in source and 'train_steps=train_steps' in source
@@ -322,15 +330,18 @@ def test_notebook_parameters_are_checked_before_any_work(tmp_path, monkeypatch):
     from cavmae_sync.config import data_dir
     from cavmae_sync.reproduce import check_parameters
     supported = ['synthetic', 'vggsound']
-    with pytest.raises(ValueError, match='train_steps=-1'): check_parameters('retrieval', 'synthetic', supported, train_steps=-1)
+    with pytest.raises(ValueError, match='train_steps=-1'):
+        check_parameters('retrieval', 'synthetic', supported, train_steps=-1)
     with pytest.raises(FileNotFoundError, match="checkpoint='/nonexistent'"):
         check_parameters('retrieval', 'synthetic', supported, checkpoint='/nonexistent', train_steps=1500)
     with pytest.raises(ValueError, match="dataset='imagenet'"): check_parameters('retrieval', 'imagenet', supported)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device='cuda'"): check_parameters('retrieval', 'synthetic', supported, 'cuda')
+        with pytest.raises(ValueError, match="device='cuda'"):
+            check_parameters('retrieval', 'synthetic', supported, 'cuda')
     monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path / 'nonexistent' / 'data'))
     with pytest.raises(FileNotFoundError, match='nonexistent/data'): data_dir()
-    with pytest.raises(FileNotFoundError, match='CAVMAE_SYNC_DATA'): check_parameters('retrieval', 'synthetic', supported)
+    with pytest.raises(FileNotFoundError, match='CAVMAE_SYNC_DATA'):
+        check_parameters('retrieval', 'synthetic', supported)
     assert not (tmp_path / 'nonexistent').exists()
 
 
@@ -343,8 +354,10 @@ def test_papermill_with_device_cuda_on_a_cpu_machine_fails_within_a_minute_namin
     started = time.time()
     with pytest.raises(papermill.PapermillExecutionError) as error:
         papermill.execute_notebook(str(ROOT / 'nbs' / 'retrieval.ipynb'), str(tmp_path / 'out.ipynb'),
-                                   parameters={'device': 'cuda'}, kernel_name='python3', cwd=str(ROOT), progress_bar=False)
-    assert time.time() - started < 60 and "device='cuda'" in str(error.value) and 'no usable CUDA GPU' in str(error.value)
+                                   parameters={'device': 'cuda'}, kernel_name='python3', cwd=str(ROOT),
+                                   progress_bar=False)
+    assert time.time() - started < 60
+    assert "device='cuda'" in str(error.value) and 'no usable CUDA GPU' in str(error.value)
     assert not (tmp_path / 'data').exists()                                  # no testbed was generated
 
 
@@ -353,12 +366,12 @@ def test_papermill_with_device_cuda_on_a_cpu_machine_fails_within_a_minute_namin
     ('classification', {'train_steps': -1}, 'train_steps=-1'),
     ('localization', {'checkpoint': '/nonexistent.pth'}, "checkpoint='/nonexistent.pth': no such file"),
     ('ablations', {'train_batch_size': 0}, 'train_batch_size=0')])
-def test_papermill_bad_parameters_stop_the_other_notebooks_in_seconds(notebook, parameters, message, tmp_path, monkeypatch):
+def test_papermill_bad_parameters_stop_the_other_notebooks(notebook, parameters, message, tmp_path, monkeypatch):
     "Finding 10: the same check in every reproduction notebook, before the testbed is generated (about 10 s each)."
     papermill = pytest.importorskip('papermill')
     monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path / 'data'))
     monkeypatch.delenv('IN_TEST', raising=False)
     with pytest.raises(papermill.PapermillExecutionError, match=message):
-        papermill.execute_notebook(str(ROOT / 'nbs' / f'{notebook}.ipynb'), str(tmp_path / 'out.ipynb'), parameters=parameters,
-                                   kernel_name='python3', cwd=str(ROOT), progress_bar=False)
+        papermill.execute_notebook(str(ROOT / 'nbs' / f'{notebook}.ipynb'), str(tmp_path / 'out.ipynb'),
+                                   parameters=parameters, kernel_name='python3', cwd=str(ROOT), progress_bar=False)
     assert not (tmp_path / 'data').exists()
