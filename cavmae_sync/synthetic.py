@@ -16,11 +16,11 @@ __all__ = ['SYNTHETIC_VERSION', 'CLASS_LOOKS', 'SOUND_KINDS', 'MAX_CLASSES', 'BA
            'TOP_FILES', 'DEFAULT_NUM_TRAIN', 'DEFAULT_NUM_TEST', 'hz_to_mel', 'mel_to_hz', 'hue_colour',
            'num_ingredients', 'ingredient_pairs', 'Ingredient', 'sound_ingredients', 'SourceClass', 'source_classes',
            'SyntheticConfig', 'sampled_frame_indices', 'clip_rng', 'source_sets', 'class_set_pool', 'Scene',
-           'choose_decoys', 'sample_scene', 'shape_mask', 'texture_lit', 'object_colours', 'draw_shape', 'sounding_at',
-           'RenderedVideo', 'render_video', 'synth_sound', 'class_sound', 'render_audio', 'class_waveform',
-           'class_window', 'x264_options', 'write_mp4', 'ClipGroundTruth', 'load_ground_truth', 'video_id',
-           'generate_clip', 'own_files', 'SyntheticDataset', 'make_synthetic', 'cache_folder', 'default_synthetic',
-           'synthetic_cli']
+           'choose_decoys', 'sample_scene', 'shape_mask', 'texture_lit', 'object_colours', 'draw_shape', 'segment_at',
+           'sounding_at', 'RenderedVideo', 'render_video', 'synth_sound', 'class_sound', 'render_audio',
+           'class_waveform', 'class_window', 'x264_options', 'write_mp4', 'ClipGroundTruth', 'load_ground_truth',
+           'video_id', 'generate_clip', 'own_files', 'SyntheticDataset', 'make_synthetic', 'cache_folder',
+           'default_synthetic', 'synthetic_cli']
 
 # %% ../nbs/07_synthetic.ipynb #fd5b8a92
 SYNTHETIC_VERSION = 2   # bump when the content changes, so cached sets are regenerated (2: decoys, equal-luminance looks, two-ingredient sounds)
@@ -135,7 +135,8 @@ class SyntheticConfig:
     num_frames: int = 16                     # T: sampled frames the ground truth describes
     min_sources: int = 2                     # sources per clip, at least ...
     max_sources: int = 2                     # ... and at most (<= 3; their sounds share no ingredient: 3 need 11 or more classes)
-    decoys_per_source: int = 1               # silent look-alikes per source: active exactly when their source sounds (0: none)
+    decoys_per_source: int = 1               # silent look-alikes per source, active while their source sounds (0: none)
+    decoy_coupling: float = 1.0              # chance a decoy is active in each segment of its source (1: always, v2)
     num_test_class_sets: int = 10            # size of the pool of class sets the test clips share
     segment_seconds: tuple = (1.0, 3.0)      # length range of one sounding segment
     gap_seconds: tuple = (0.2, 1.0)          # length range of the silences between segments
@@ -172,6 +173,8 @@ class SyntheticConfig:
         for name in ('segment_seconds', 'gap_seconds', 'num_distractors', 'noise_rms'):
             low, high = getattr(self, name)
             if not 0 <= low <= high: raise ValueError(f"SyntheticConfig.{name} must be a range (low, high), got {(low, high)}")
+        if not 0.0 <= self.decoy_coupling <= 1.0:
+            raise ValueError(f"SyntheticConfig.decoy_coupling must lie in [0, 1], got {self.decoy_coupling!r}")
         if not self.duration >= 2 * self.segment_seconds[1]:
             raise ValueError(f"SyntheticConfig.duration={self.duration} s must be at least twice the longest segment ({self.segment_seconds[1]} s)")
         if self.num_video_frames < self.num_frames:
@@ -183,7 +186,11 @@ class SyntheticConfig:
     def num_samples(self) -> int: return int(round(self.duration * self.sample_rate))
     @property
     def scale(self) -> float: return self.image_size / 112
-    def to_dict(self) -> dict: return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+    def to_dict(self) -> dict:
+        "The parameters as JSON values; fields added after version 2 only when they differ from its behaviour (identities)."
+        later = {'decoy_coupling': 1.0}                                       # field: its version-2 behaviour
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if not (k in later and v == later[k])}
 
 def sampled_frame_indices(num_video_frames: int,   # N: frames in the video
                           num_frames: int,         # T: frames sampled uniformly
@@ -291,6 +298,7 @@ class Scene:
     noise_rms: float           # level of the background noise in the audio
     duration: float            # seconds
     audio_seed: int            # seeds the random parts of the sounds (noise, phases)
+    decoy_off: np.ndarray | None = None   # (O, M) bool: object o stays idle in segment m although its source sounds
 
     def positions(self, times) -> np.ndarray:
         "Centres (O, len(times), 2) of the objects at `times` seconds."
@@ -300,8 +308,12 @@ class Scene:
                 + self.wobble[:, None] * np.sin(2 * np.pi * times / period + self.wobble_phase[:, None]))  # (O, N, 2)
 
     def active(self, times) -> np.ndarray:
-        "(O, len(times)) bool: whether each object is active (its source sounds) at `times` seconds."
-        return self.drives[:, None] == sounding_at(self.segments, times)[None, :]                   # (O, N)
+        "(O, len(times)) bool: whether each object is active (its source sounds, and a decoy is not left idle) at `times`."
+        active = self.drives[:, None] == sounding_at(self.segments, times)[None, :]                 # (O, N)
+        if self.decoy_off is None: return active
+        segment = segment_at(self.segments, times)                                                  # (N,) -1: silence
+        idle = self.decoy_off[:, np.maximum(segment, 0)] & (segment >= 0)[None, :]                  # (O, N)
+        return active & ~idle
 
 def choose_decoys(rng, sources, num_decoys: int, classes: list) -> np.ndarray:
     """`num_decoys` classes that are not among `sources`. First those that pair the sources' ingredients differently (sources
@@ -361,8 +373,14 @@ def sample_scene(config: SyntheticConfig,   # parameters of the set
         shape = str(rng.choice(['circle', 'square', 'triangle', 'bar']))
         grey = rng.uniform(0.3, 0.6) * (1 - 0.3 * (0.5 + 0.5 * np.cos(2 * np.pi * (rng.uniform() - np.arange(3) / 3))))
         draw_shape(background, shape, rng.uniform(6 * s, config.image_size - 6 * s, 2), rng.uniform(3.5, 7) * s, grey.astype(np.float32))
+    noise_rms, audio_seed = float(rng.uniform(*config.noise_rms)), int(rng.integers(2**63))
+    decoy_off = None
+    if config.decoy_coupling < 1:            # its own generator: the clip's other draws are those of version 2
+        coupling_rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 1])
+        is_decoy = (np.arange(O) >= K)[:, None]                                                     # (O, 1)
+        decoy_off = is_decoy & (coupling_rng.random((O, len(segments))) >= config.decoy_coupling)  # (O, M)
     return Scene(classes, K, drives, radii, centres, drift, wobble, wobble_period, wobble_phase, segments, gains, background,
-                 float(rng.uniform(*config.noise_rms)), float(config.duration), int(rng.integers(2**63)))
+                 noise_rms, float(config.duration), audio_seed, decoy_off)
 
 
 # %% ../nbs/07_synthetic.ipynb #3e75343c
@@ -418,6 +436,16 @@ def draw_shape(frame, shape, centre, radius, lit_colour, texture='solid', scale=
     return box, inside
 
 # %% ../nbs/07_synthetic.ipynb #9ab84722
+def segment_at(segments,    # (M, 3): who, start_s, end_s
+               times,       # seconds
+              ) -> np.ndarray:
+    "Which segment (a row of `segments`) covers each of `times`; -1 where none does."
+    times = np.asarray(times, dtype=np.float64)
+    out = np.full(times.shape, -1, dtype=np.int64)
+    for m, (_, start, end) in enumerate(np.asarray(segments, dtype=np.float64).reshape(-1, 3)):
+        out[(times >= start) & (times < end)] = m
+    return out
+
 def sounding_at(segments,   # (M, 3): who, start_s, end_s
                 times,      # seconds
                ) -> np.ndarray:

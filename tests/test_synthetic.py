@@ -409,3 +409,21 @@ def test_cli(tmp_path, capsys):
         summary = json.loads(capsys.readouterr().out)
     assert summary['num_train'] == 2 and summary['num_test'] == 1 and Path(summary['test_datafile']).exists()
     assert len(read_datafile(summary['train_datafile'])) == 2
+
+
+def test_loosely_coupled_decoys_are_sometimes_idle_while_their_source_sounds():
+    "decoy_coupling < 1: a decoy is active in only some of its source's segments; everything else is drawn as in v2."
+    loose = SyntheticConfig(decoy_coupling=0.3)
+    times = np.arange(loose.num_video_frames) / loose.fps
+    idle = []
+    for index in range(30):
+        strict, scene = synthetic.sample_scene(SyntheticConfig(), 'train', index), synthetic.sample_scene(loose, 'train', index)
+        active, coupled = scene.active(times), strict.active(times)                       # (O, N)
+        sources = scene.num_sources
+        assert (active[:sources] == coupled[:sources]).all() and (active <= coupled).all()
+        np.testing.assert_array_equal(scene.segments, strict.segments)
+        idle.append(scene.decoy_off[sources:].mean())
+    assert 0.6 < np.mean(idle) < 0.8, np.mean(idle)                                      # idle in about 70% of segments
+    assert 'decoy_coupling' not in SyntheticConfig().to_dict()                            # version-2 identities unchanged
+    with pytest.raises(ValueError, match='decoy_coupling'):
+        SyntheticConfig(decoy_coupling=-0.1)
