@@ -382,12 +382,13 @@ def _load(checkpoint, device):
 
 @contextlib.contextmanager
 def _warnings_as_lines(prog: str):
-    "Print each warning raised inside as one line on stderr (`PROG: warning: ...`), not as a source-line report."
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        try: yield
-        finally:
-            for w in caught: print(f'{prog}: warning: {w.message}', file=sys.stderr)
+    "Print each warning raised inside, as it comes, as one line on stderr (`PROG: warning: ...`), not a source report."
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f'{prog}: warning: {message}', file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter('default')
+        warnings.showwarning = one_line
+        yield
 
 def index_cli(argv: list[str] | None = None):
     "cavmae-sync-index: embed every clip of a folder into an index file."
