@@ -108,9 +108,8 @@ def test_retrieval_notebook_on_present_data(real_like, tmp_path):
     paper = pd.read_csv(ROOT / 'data' / 'paper_retrieval.csv').set_index(['dataset', 'method', 'direction'])
     for _, row in side.iterrows():                                  # the paper's numbers are copied, not invented
         assert row['paper CAV-MAE Sync'] == paper.loc[('vggsound', 'CAV-MAE Sync', row['direction']), row['metric'].replace('@', '')]
-    matched = bool((side['ours - paper'].abs() <= 1.0).all())       # the notebook's verdict follows its tolerance (1 point)
-    text = notebook_text(notebook)
-    assert ('**Reproduced**' in text) == matched and ('**Not reproduced within 1 points**' in text) == (not matched)
+    text = notebook_text(notebook)                                  # a model trained here is not compared as a reproduction
+    assert '**Not a reproduction**' in text and 'is not a released checkpoint' in text and '**Reproduced**' not in text
     assert 'checks passed' in text
 
 
