@@ -386,11 +386,12 @@ def prepare_cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
     if args.shards:                                  # one part of a sharded collection (cavmae_sync.shards)
-        from cavmae_sync.shards import write_shards, parse_part
+        from cavmae_sync.shards import write_shards, parse_part, shard_size_bytes
         try:
             part, parts = parse_part(args.part)
+            shard_bytes = shard_size_bytes(args.shard_gb)
             index = write_shards(args.videos, args.shards, args.labels, part, parts, PreprocessConfig(num_frames=args.num_frames, image_size=args.image_size),
-                                 int(args.shard_gb * 1e9), args.skip_errors, progress=not args.no_progress)
+                                 shard_bytes, args.skip_errors, progress=not args.no_progress)
         except (MediaError, ValueError, FileNotFoundError) as e:
             print(f'cavmae-sync-prepare: error: {e}', file=sys.stderr)
             return 1

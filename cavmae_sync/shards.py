@@ -4,10 +4,10 @@
 
 # %% ../nbs/15_shards.ipynb #bce07b8c
 from __future__ import annotations
-import io, json, tarfile
+import copy, hashlib, io, json, math, re, tarfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import soundfile
@@ -22,11 +22,14 @@ from .data import find_videos, video_id_of, read_video_labels, released_extracti
 from .batch_decode import RawSample, draw_crop, apply_crop, normalize_frames, collate_raw
 
 # %% auto #0
-__all__ = ['SHARD_BYTES', 'BLOCK', 'parse_part', 'ShardIndex', 'clip_sample', 'write_shards', 'tar_members', 'read_samples',
-           'is_shard_folder', 'shard_sizes', 'list_shards', 'ShardDataset']
+__all__ = ['SHARD_BYTES', 'INDEX_NAME', 'BLOCK', 'parse_part', 'shard_size_bytes', 'shard_name', 'index_problem', 'ShardIndex',
+           'clip_sample', 'check_one_split', 'write_shards', 'tar_members', 'read_samples', 'is_shard_folder',
+           'part_indexes', 'indexed_clips', 'ShardContents', 'shard_contents', 'shard_sizes', 'list_shards',
+           'sample_meta', 'ShardDataset']
 
 # %% ../nbs/15_shards.ipynb #62bb75e7
 SHARD_BYTES = 1_000_000_000        # about 1 GB per shard: large sequential reads, few files
+INDEX_NAME = re.compile(r'part(\d+)-of-(\d+)\.json')   # a part's index: partIIII-of-NNNN.json
 
 def parse_part(text: str) -> tuple[int, int]:
     "'I/N' -> (I, N) with 0 <= I < N: the I-th of N disjoint parts."
@@ -35,25 +38,85 @@ def parse_part(text: str) -> tuple[int, int]:
     if not 0 <= part < parts: raise ValueError(f"--part {text!r}: I must be in 0 .. N-1")
     return part, parts
 
+def shard_size_bytes(gigabytes: float,   # `--shard-gb`: the size of a shard in GB
+                    ) -> int:             # the same in bytes (>= 1)
+    "`--shard-gb` as bytes; anything but a finite size of at least one byte (1e-9 GB) is an error naming the value."
+    size_ok = isinstance(gigabytes, (int, float)) and math.isfinite(gigabytes) and gigabytes * 1e9 >= 1
+    if not size_ok: raise ValueError(f"--shard-gb {gigabytes!r}: expected a size in GB of at least 1e-9 (one byte)")
+    return int(gigabytes * 1e9)
+
+def shard_name(part: int,          # I of the part that writes the shard
+               parts: int,         # N: the parts the collection is split into
+               number: int,        # the shard's position in its part
+              ) -> str:            # e.g. 'part0003-of-0064-000012.tar'
+    "A shard's file name: it carries N, so the parts of two splits of a collection never share a name."
+    return f'part{part:04d}-of-{parts:04d}-{number:06d}.tar'
+
+def _is_count(value) -> bool: return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+def _shard_entry_ok(shard) -> bool:
+    "One entry of an index's 'shards': {'name': a plain NAME.tar, 'clips': [video ids], 'bytes': N}."
+    if not (isinstance(shard, dict) and set(shard) == {'name', 'clips', 'bytes'}): return False
+    name, clips = shard['name'], shard['clips']
+    plain_name = isinstance(name, str) and Path(name).name == name and name.endswith('.tar')
+    listed = isinstance(clips, list) and all(isinstance(c, str) for c in clips)
+    return plain_name and listed and _is_count(shard['bytes'])
+
+def index_problem(fields) -> str | None:
+    "What keeps parsed JSON from being a part's index (the fields `ShardIndex` writes), or None."
+    if not isinstance(fields, dict): return f'a JSON {type(fields).__name__}, not an object'
+    missing = [k for k in ('part', 'parts', 'shards', 'skipped') if k not in fields]
+    unknown = sorted(set(fields) - {'part', 'parts', 'shards', 'skipped', 'complete'})
+    if missing: return f"fields {missing} missing"
+    if unknown: return f"unknown fields {unknown}"
+    part, parts = fields['part'], fields['parts']
+    if not (_is_count(part) and _is_count(parts) and part < parts):
+        return f"part {part!r} of {parts!r} parts: expected whole numbers 0 <= part < parts"
+    if not isinstance(fields['shards'], list): return f"'shards' is a {type(fields['shards']).__name__}, not a list"
+    for k, shard in enumerate(fields['shards']):
+        if not _shard_entry_ok(shard):
+            return f"shard {k} is {str(shard)[:80]}: expected {{'name': 'NAME.tar', 'clips': [video ids], 'bytes': N}}"
+    pairs = fields['skipped']
+    pair_ok = lambda p: isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+    pairs_ok = isinstance(pairs, list) and all(pair_ok(p) for p in pairs)
+    if not pairs_ok: return "'skipped' is not a list of [path, reason] pairs"
+    complete = fields.get('complete', False)
+    if not isinstance(complete, bool): return f"'complete' is {complete!r}, not true or false"
+    return None
+
 @dataclass
 class ShardIndex:
-    "What one part wrote: finished shards in order, their clips, and the files it skipped."
+    "What one part wrote: finished shards in order, their clips, the files it skipped, and whether the part is done."
     part: int
     parts: int
     shards: list = field(default_factory=list)     # [{'name', 'clips': [video_id, ...], 'bytes'}]
     skipped: list = field(default_factory=list)    # [[path, reason], ...]
+    complete: bool = False                         # every clip of the part is in a shard or skipped (False: stopped)
 
     @staticmethod
     def path_for(out_dir, part: int, parts: int) -> Path: return Path(out_dir) / f'part{part:04d}-of-{parts:04d}.json'
 
     @classmethod
+    def read(cls, path) -> 'ShardIndex':
+        "The index in `path`, checked field by field: a `MediaError` naming the file says what is wrong with it."
+        path = Path(path)
+        try: fields = json.loads(path.read_bytes().decode('utf-8'))
+        except UnicodeDecodeError as e:
+            raise MediaError(path, f'not a shard index: not UTF-8 text (byte {e.start})') from None
+        except json.JSONDecodeError as e: raise MediaError(path, f'not a shard index: not JSON ({e})') from None
+        problem = index_problem(fields)
+        if problem is not None: raise MediaError(path, f'not a shard index: {problem}')
+        index = cls(**fields)
+        named = INDEX_NAME.fullmatch(path.name)
+        if named and (int(named[1]), int(named[2])) != (index.part, index.parts):
+            raise MediaError(path, f'holds the index of part {index.part}/{index.parts}, '
+                                   f'its name says part {named[1]}/{named[2]}')
+        return index
+
+    @classmethod
     def load_or_new(cls, out_dir, part: int, parts: int) -> 'ShardIndex':
         path = cls.path_for(out_dir, part, parts)
-        if not path.exists(): return cls(part, parts)
-        try: index = cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e: raise ValueError(f"{path}: not a shard index ({e})") from e
-        if (index.part, index.parts) != (part, parts): raise ValueError(f"{path}: the index of part {index.part}/{index.parts}")
-        return index
+        return cls.read(path) if path.exists() else cls(part, parts)
 
     def save(self, out_dir):
         with atomic_file(self.path_for(out_dir, self.part, self.parts)) as partial: partial.write_text(json.dumps(asdict(self), indent=1))
@@ -80,6 +143,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes):
     info = tarfile.TarInfo(name); info.size, info.mtime, info.mode = len(data), 0, 0o644    # mtime 0: the same clips give the same bytes
     tar.addfile(info, io.BytesIO(data))
 
+def check_one_split(out_dir,            # a shard folder (it may not exist yet)
+                    parts: int,         # N of the part about to be written there
+                   ):
+    "Refuse to write a part of N parts into a folder that holds the indexes of another split of the collection."
+    indexes = sorted(Path(out_dir).glob('part*-of-*.json')) if Path(out_dir).is_dir() else []
+    others = [p.name for p in indexes if (m := INDEX_NAME.fullmatch(p.name)) and int(m[2]) != parts]
+    if others:
+        raise ValueError(f"{out_dir} holds parts of another split of the collection ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}): a part of {parts} would mix two splits there, "
+                         "which read some clips twice and others never; write it to another folder")
+
 def write_shards(videos,                           # folder of video files (searched recursively)
                  out_dir,                          # where shards and the part's index go
                  labels=None,                      # CSV video_id,labels (optional)
@@ -89,9 +163,15 @@ def write_shards(videos,                           # folder of video files (sear
                  skip_errors: bool = False,        # leave unreadable files out (listed in the index) instead of stopping
                  progress: bool = True,
                 ) -> ShardIndex:
-    "Write (or continue) one part of the collection as tar shards; returns the part's index."
+    """Write (or continue) one part of the collection as tar shards; returns the part's index, marked complete once
+    every clip of the part is in a shard (or skipped). A folder that holds the parts of another N is refused: two
+    splits of one collection would read some clips twice and others never."""
     from tqdm.auto import tqdm
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    shard_bytes_ok = isinstance(shard_bytes, int) and shard_bytes >= 1
+    if not shard_bytes_ok: raise ValueError(f"shard_bytes must be a whole number of bytes >= 1, got {shard_bytes!r}")
+    check_one_split(out_dir, parts)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = find_videos(videos)
     ids = [video_id_of(p) for p in paths]
     if len(set(ids)) < len(ids): raise ValueError(f"{videos}: video ids (file names without extension) must be unique")
@@ -99,7 +179,10 @@ def write_shards(videos,                           # folder of video files (sear
     mine = [(k, p, i) for k, (p, i) in enumerate(zip(paths, ids)) if k % parts == part]
     index = ShardIndex.load_or_new(out_dir, part, parts)
     done, skipped = set(index.clips), {p for p, _ in index.skipped}
-    pending = iter([(k, p, i) for k, p, i in mine if i not in done and str(p) not in skipped])
+    todo = [(k, p, i) for k, p, i in mine if i not in done and str(p) not in skipped]
+    if todo and index.complete:                       # files added since it was completed: not complete now
+        index.complete = False; index.save(out_dir)
+    pending = iter(todo)
     bar = tqdm(total=len(mine), initial=len(done) + len(skipped), desc=f'part {part}/{parts}', unit='clip', disable=not progress)
 
     def next_sample():
@@ -112,7 +195,7 @@ def write_shards(videos,                           # folder of video files (sear
 
     sample = next_sample()
     while sample is not None:
-        name, clips, nbytes = f'part{part:04d}-{len(index.shards):06d}.tar', [], 0
+        name, clips, nbytes = shard_name(part, parts, len(index.shards)), [], 0
         with atomic_file(out_dir / name, fsync=True) as partial, tarfile.open(partial, 'w') as tar:
             while sample is not None and nbytes < shard_bytes:
                 video_id, files = sample
@@ -121,6 +204,7 @@ def write_shards(videos,                           # folder of video files (sear
                 sample = next_sample()
         index.shards.append({'name': name, 'clips': clips, 'bytes': nbytes})
         index.save(out_dir)                                                    # the shard exists before the index names it
+    index.complete = True                                                  # every clip of the part: written or skipped
     index.save(out_dir)
     bar.close()
     return index
@@ -137,13 +221,19 @@ def _octal(field: bytes) -> int:
 def tar_members(stream, shard) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each regular file of a tar stream, read sequentially; `tarfile` costs about 0.1 ms of Python per
     member, which made it most of a loader core's time (18 members per sample). Reads ustar, pax ('x', 'g') and GNU
-    long-name ('L') headers; a bad header checksum or a cut-off member is a `MediaError` naming `shard`."""
+    long-name ('L') headers; a bad header checksum, a cut-off member, an empty file or one that ends without tar's
+    end-of-archive block (cut exactly between two members) is a `MediaError` naming `shard`."""
     pending_name = pending_size = None
+    members = 0
     while True:
         header = stream.read(BLOCK)
-        if len(header) < BLOCK or header == bytes(BLOCK):                   # end of archive (two zero blocks), or EOF
-            if header and header != bytes(BLOCK): raise MediaError(shard, f'truncated shard: a {len(header)}-byte tar header')
-            return
+        if header == bytes(BLOCK): return                                   # end of archive (zero blocks)
+        if len(header) < BLOCK:
+            if header: raise MediaError(shard, f'truncated shard: a {len(header)}-byte tar header')
+            if members == 0:
+                raise MediaError(shard, 'an empty file (0 bytes), not a tar archive: a copy that never finished?')
+            raise MediaError(shard, f'truncated shard: it ends after {members} files, without the end-of-archive block')
+        members += 1
         try: checksum = _octal(header[148:156])
         except ValueError: checksum = -1                                    # not even a number: not a header
         if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):   # the checksum field counts as 8 spaces
@@ -191,24 +281,82 @@ def is_shard_folder(path) -> bool:
     "Whether `path` is a folder written by `write_shards` (it holds part indexes)."
     return Path(path).is_dir() and any(Path(path).glob('part*-of-*.json'))
 
+def part_indexes(folder) -> list[tuple[Path, ShardIndex]]:
+    """Every part's index of a shard folder, in part order, checked: the parts 0 .. N-1 of one N, each complete (its
+    writer finished), no tar named twice, no clip in two shards. A `MediaError` names the index or the tar at fault."""
+    folder = Path(folder)
+    paths = sorted(folder.glob('part*-of-*.json'))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no shard index (part*-of-*.json); write shards with "
+                                "cavmae-sync-prepare --shards")
+    loaded = [(path, ShardIndex.read(path)) for path in paths]
+    parts = {index.parts for _, index in loaded}
+    if len(parts) != 1 or sorted(index.part for _, index in loaded) != list(range(parts.pop())):
+        raise MediaError(folder, f"shard indexes {[p.name for p in paths]} are not the parts 0 .. N-1 of one N")
+    loaded.sort(key=lambda pair: pair[1].part)
+    for path, index in loaded:
+        part = f'{index.part}/{index.parts}'
+        if not index.complete:
+            raise MediaError(path, f"part {part} is incomplete: its writer stopped after {len(index.shards)} shards "
+                                   f"({len(index.clips)} clips) without marking it complete; rerun "
+                                   f"cavmae-sync-prepare VIDEOS --shards {folder} --part {part} to finish it "
+                                   "(a finished part is only marked)")
+    named_by, shard_of = {}, {}
+    for path, index in loaded:
+        for shard in index.shards:
+            name = shard['name']
+            if name in named_by:
+                raise MediaError(folder / name, f"named by two indexes, {named_by[name].name} and {path.name}: "
+                                                "its clips would be read twice and another shard's never")
+            named_by[name] = path
+            for clip in shard['clips']:
+                if clip in shard_of:
+                    raise MediaError(path, f"clip {clip!r} is in shard {name} and in {shard_of[clip]}: "
+                                           "it would be read twice")
+                shard_of[clip] = name
+    return loaded
+
+def indexed_clips(folder) -> dict[Path, list[str]]:
+    "{shard: its clips, in order} of a shard folder, from its checked part indexes (`part_indexes`), in part order."
+    indexes = part_indexes(folder)
+    return {Path(folder) / shard['name']: list(shard['clips']) for _, index in indexes for shard in index.shards}
+
+class ShardContents(NamedTuple):
+    "What a reader checks a shard against, without keeping each of its clip ids (AudioSet-2M has two million)."
+    clips: int                     # how many clips its index lists
+    first: str | None              # the first of them (None: none)
+    digest: str                    # SHA-1 of the ids in order, each followed by a newline
+
+def shard_contents(video_ids: Sequence[str]) -> ShardContents:
+    "A shard's `ShardContents` from the clip ids its index lists, in order."
+    digest = hashlib.sha1()
+    for video_id in video_ids: digest.update(video_id.encode() + b'\n')
+    return ShardContents(len(video_ids), video_ids[0] if video_ids else None, digest.hexdigest())
+
 def shard_sizes(source) -> dict[Path, int]:
     "{shard: clips} of a folder (from its indexes) or of a list of tar files (counted by reading them)."
     if isinstance(source, (list, tuple)): return {Path(s): sum(1 for _ in read_samples(s)) for s in source}
-    return {Path(source) / shard['name']: len(shard['clips']) for index in _part_indexes(Path(source)) for shard in index.shards}
-
-def _part_indexes(folder: Path) -> list[ShardIndex]:
-    indexes = sorted(folder.glob('part*-of-*.json'))
-    if not indexes: raise FileNotFoundError(f"{folder}: no shard index (part*-of-*.json); write shards with cavmae-sync-prepare --shards")
-    loaded = [ShardIndex(**json.loads(p.read_text())) for p in indexes]
-    parts = {i.parts for i in loaded}
-    if len(parts) != 1 or sorted(i.part for i in loaded) != list(range(parts.pop())):
-        raise ValueError(f"{folder}: shard indexes {[p.name for p in indexes]} are not the parts 0 .. N-1 of one N")
-    return loaded
+    return {shard: len(clips) for shard, clips in indexed_clips(source).items()}
 
 def list_shards(source) -> list[Path]:
-    "The shards of a folder (every part's index, in order; all N parts must be there) or an explicit list of tar files."
+    "The shards of a folder (every part's index, in order; all N parts there, complete) or a list of tar files."
     if isinstance(source, (list, tuple)): return [Path(s) for s in source]
-    return [Path(source) / shard['name'] for index in _part_indexes(Path(source)) for shard in index.shards]
+    return list(indexed_clips(source))
+
+def sample_meta(files: dict,      # a sample's {extension: bytes}
+                key: str,         # its key, for messages
+                shard,            # the tar it came from, for messages
+               ) -> dict:         # KEY.json: video_id, labels, num_frames, ...
+    "A sample's metadata, read and checked; a `MediaError` naming the shard when it is missing or unreadable."
+    if 'json' not in files:
+        raise MediaError(shard, f'sample {key} has no metadata (KEY.json): not a cavmae_sync shard, or cut short')
+    try: meta = json.loads(files['json'].decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MediaError(shard, f'sample {key}: unreadable {key}.json ({e})') from None
+    well_formed = (isinstance(meta, dict) and isinstance(meta.get('video_id'), str)
+                   and isinstance(meta.get('labels'), list) and _is_count(meta.get('num_frames')))
+    if not well_formed: raise MediaError(shard, f'sample {key}: {key}.json lacks video_id, labels or num_frames')
+    return meta
 
 def _consumer() -> tuple[int, int]:
     "(this consumer's number, consumers): process rank x DataLoader workers."
@@ -228,14 +376,50 @@ class ShardDataset(IterableDataset):
                  augment: bool = False,              # train mode: random resized crop + flip (else resize + centre crop, as evaluation)
                  raw: bool = False):                 # yield `RawSample`s (JPEG bytes + 16-bit PCM) for `batch_decode.BatchDecoder`: the worker only reads
         if mode not in ('train', 'eval'): raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        self.shards, self.mode, self.config, self.source = list_shards(source), mode, config or PreprocessConfig(), source
+        self.mode, self.config, self.source = mode, config or PreprocessConfig(), source
+        if isinstance(source, (list, tuple)):              # tar files without an index: counted when first needed
+            self.shards, self.contents, self.sizes = [Path(s) for s in source], None, None
+        else:                                              # a folder: what every shard holds, from its checked indexes
+            self.contents = {s: shard_contents(c) for s, c in indexed_clips(source).items()}   # {shard: ShardContents}
+            self.shards, self.sizes = list(self.contents), {s: c.clips for s, c in self.contents.items()}
         if not self.shards: raise ValueError(f"{source}: no shards")
-        self.sizes = None                                  # {shard: clips}, read when first needed
         self.classes, self.shuffle_buffer, self.seed, self.epoch = list(classes) if classes else None, shuffle_buffer, seed, 0
         self.augment, self.raw = augment and mode == 'train', raw
         self.transform = eval_transform(self.config.image_size)    # resize + centre crop, normalization; crops: `batch_decode.apply_crop`
 
     def set_epoch(self, epoch: int): self.epoch = epoch
+
+    def subset(self, shards: Sequence) -> 'ShardDataset':
+        "The same data set over some of its shards (e.g. `train.spread_shards`'), still checked against the index."
+        part = copy.copy(self)
+        part.shards = [Path(s) for s in shards]
+        if self.contents is not None: part.contents = {s: self.contents[s] for s in part.shards}
+        if self.sizes is not None: part.sizes = {s: self.sizes[s] for s in part.shards}
+        return part
+
+    def shard_samples(self, shard) -> Iterator[tuple[str, dict]]:
+        """One shard's samples (`read_samples`), checked against its index when there is one: its clips, in order, all
+        of them. A wrong first clip or one too many stops at once; other clips in its place, at the shard's end."""
+        expected = self.contents.get(Path(shard)) if self.contents is not None else None
+        count, digest = 0, hashlib.sha1()
+        for key, files in read_samples(shard):
+            if expected is not None:
+                video_id = sample_meta(files, key, shard)['video_id']
+                replaced = count >= expected.clips or (count == 0 and video_id != expected.first)
+                if replaced:
+                    raise MediaError(shard, f'sample {count + 1} is clip {video_id!r}, not what its index lists '
+                                            f'({expected.clips} clips from {expected.first!r}): replaced since the '
+                                            'index was written')
+                digest.update(video_id.encode() + b'\n')
+            count += 1
+            yield key, files
+        if expected is None: return
+        if count < expected.clips:
+            raise MediaError(shard, f'holds {count} of the {expected.clips} clips its index lists: '
+                                    'cut short or replaced')
+        if digest.hexdigest() != expected.digest:
+            raise MediaError(shard, f'holds other clips than its index lists ({count}, from {expected.first!r}): '
+                                    'rewritten since the index was written')
 
     @property
     def collate_fn(self): return collate_raw if self.raw else collate_clips   # the DataLoader's collate_fn for this data set's items
@@ -268,8 +452,7 @@ class ShardDataset(IterableDataset):
 
     def sample(self, key: str, files: dict, rng: np.random.Generator, shard=None) -> RawSample:
         "Check a sample's files and draw what its item uses (frame positions, training crop), decoding nothing: what a raw data set yields."
-        if 'json' not in files: raise MediaError(shard or key, f'sample {key} has no metadata (KEY.json): not a cavmae_sync shard, or cut short')
-        meta = json.loads(files['json'])
+        meta = sample_meta(files, key, shard or key)
         T = meta['num_frames']
         missing = [name for name in ['wav'] + [f'f{t:02d}.jpg' for t in range(T)] if name not in files]
         if missing: raise MediaError(shard or key, f"sample {key} ({meta['video_id']}) lacks {missing}: the shard was cut short")
@@ -312,7 +495,7 @@ class ShardDataset(IterableDataset):
         item = self.sample if self.raw else self.decode
         buffer = []
         for shard in self.consumer_shards(consumer, consumers):
-            for key, files in read_samples(shard):
+            for key, files in self.shard_samples(shard):
                 if self.mode != 'train' or self.shuffle_buffer <= 1: yield item(key, files, rng, shard); continue
                 buffer.append((key, files, shard))
                 if len(buffer) >= self.shuffle_buffer:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler, get_worker_info
 
-from .config import atomic_file, process_alive
+from .config import MediaError, atomic_file, process_alive
 from .video import VIDEO_EXTENSIONS
 from .data import ClipDataset, DatafileDataset, LABEL_CSV_NAME, collate_clips, read_label_csv
 from .clip_cache import DecodedClips, CentreCropTraining, CacheBudgetExceeded
@@ -546,10 +546,8 @@ def clip_dataset(config: TrainConfig, datafile, mode: str, ctx: DistributedConte
             return ShardDataset(datafile, 'train', config.preprocess(), classes=classes, seed=config.seed, augment=config.augment_frames)
         if mode != 'eval': raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         dataset = ShardsReadHere(datafile, 'eval', config.preprocess(), classes=classes)
-        if max_clips and len(dataset) > max_clips:
-            sizes = dataset.shard_clips()
-            dataset = ShardsReadHere(spread_shards(dataset, max_clips), 'eval', config.preprocess(), classes=classes)
-            dataset.sizes = {shard: sizes[shard] for shard in dataset.shards}     # known from the index: no pass over the tar files
+        if max_clips and len(dataset) > max_clips:          # sizes and clips from the index: no pass over the tar files
+            dataset = dataset.subset(spread_shards(dataset, max_clips))
         return dataset
     dataset = DatafileDataset(datafile, label_csv_for(config, datafile), mode=mode, config=config.preprocess(), skip_errors=config.skip_errors)
     if max_clips and len(dataset) > max_clips:                       # evenly spread subset (held-out evaluation)
@@ -578,7 +576,7 @@ def run_cli(cls,              # the config class: PretrainConfig or FinetuneConf
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     try: result = run(config)
-    except (NonFiniteLossError, FileExistsError, FileNotFoundError) as e:
+    except (NonFiniteLossError, FileExistsError, FileNotFoundError, MediaError) as e:   # MediaError: a bad file, named
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(1)
     if int(os.environ.get('RANK', 0)) == 0:

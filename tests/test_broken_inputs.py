@@ -375,3 +375,123 @@ def test_papermill_bad_parameters_stop_the_other_notebooks(notebook, parameters,
         papermill.execute_notebook(str(ROOT / 'nbs' / f'{notebook}.ipynb'), str(tmp_path / 'out.ipynb'),
                                    parameters=parameters, kernel_name='python3', cwd=str(ROOT), progress_bar=False)
     assert not (tmp_path / 'data').exists()
+
+
+# --- shards (issue 28: findings 1, 3, 4 and the shard index of 11) ---------------------------------------------
+
+SHARD_CONFIG = PreprocessConfig(num_frames=4, image_size=32, window=64, frame_preset='released')
+PREPARE = ['--num-frames', '4', '--image-size', '32', '--shard-gb', '1e-7', '--no-progress']   # 100 B: a clip a shard
+
+
+def small_videos(folder: Path, count: int) -> Path:
+    "`count` 2-s clips (numbered frames, tones): what `cavmae-sync-prepare --shards` reads."
+    from media_factory import write_clip
+    for k in range(count): write_clip(folder / f'clip{k}.mp4', seconds=2.0)
+    return folder
+
+
+def prepare(capsys, *argv) -> tuple[int, str]:
+    "`cavmae-sync-prepare` in this process: (exit status, what it printed on stderr)."
+    from cavmae_sync.data import prepare_cli
+    capsys.readouterr()
+    code = prepare_cli([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def pretrain_exit(capsys, shards: Path, out: Path) -> tuple[int | None, str]:
+    "`cavmae-sync-pretrain` on a shard folder, in this process: (exit status, stderr); None: it trained and returned."
+    from training_setup import MINI_MODEL
+    args = [*MINI_MODEL, '--model.frame_preset', 'released', '--train_data', str(shards), '--output_dir', str(out),
+            '--batch_size', '2', '--lr_reference_batch', '2', '--max_steps', '1', '--num_workers', '0',
+            '--progress', 'false', '--tensorboard', 'false', '--device', 'cpu']
+    capsys.readouterr()
+    try: pretraining.pretrain_cli(args)
+    except SystemExit as e: return e.code, capsys.readouterr().err
+    return None, capsys.readouterr().err
+
+
+def read_ids(shards) -> list[str]:
+    from cavmae_sync.shards import ShardDataset
+    return sorted(item['video_id'] for item in ShardDataset(shards, 'eval', SHARD_CONFIG))
+
+
+def test_a_part_of_another_split_does_not_overwrite_the_first(tmp_path, capsys):
+    "Finding 1: --part 0/2 and 1/2, then --part 0/4 into the same folder overwrote part 0/2's tars with other clips."
+    import hashlib
+    videos, shards = small_videos(tmp_path / 'videos', 6), tmp_path / 'shards'          # 0/2: clips 0, 2, 4; 0/4: 0, 4
+    for part in ('0/2', '1/2'): assert prepare(capsys, videos, '--shards', shards, '--part', part, *PREPARE)[0] == 0
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards.iterdir()}
+    code, err = prepare(capsys, videos, '--shards', shards, '--part', '0/4', *PREPARE)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards.iterdir()} == before   # nothing written
+    assert code == 1 and len(err.splitlines()) == 1 and 'another split' in err and 'part0000-of-0002.json' in err, err
+    assert read_ids(shards) == [f'clip{k}' for k in range(6)]                        # every clip once
+    assert all('-of-0002-' in name for name in before if name.endswith('.tar'))      # and N is in every shard's name
+
+
+class Killed(BaseException):
+    "A writer killed between two shards (what SIGKILL does to it, without killing the test)."
+
+
+def test_a_part_killed_after_its_first_shard_stops_pretraining(tmp_path, capsys, monkeypatch):
+    """Finding 3: a part killed after its first shard left an index without a completion mark, and pretraining trained
+    on the clips it found and exited 0. Now every reader refuses the part, naming its index; a rerun finishes it."""
+    from cavmae_sync import shards as shard_module
+    videos, shards = small_videos(tmp_path / 'videos', 6), tmp_path / 'shards'
+    assert prepare(capsys, videos, '--shards', shards, '--part', '0/2', *PREPARE)[0] == 0
+    made = shard_module.clip_sample
+    calls = []
+    def killed_at_the_third_clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3: raise Killed()                # the first shard is in the index, the second never lands
+        return made(*args, **kwargs)
+    monkeypatch.setattr(shard_module, 'clip_sample', killed_at_the_third_clip)
+    with pytest.raises(Killed): prepare(capsys, videos, '--shards', shards, '--part', '1/2', *PREPARE)
+    monkeypatch.setattr(shard_module, 'clip_sample', made)
+    assert len(json.loads((shards / 'part0001-of-0002.json').read_text())['shards']) == 1
+    code, err = pretrain_exit(capsys, shards, tmp_path / 'run')
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert 'part0001-of-0002.json' in err and 'incomplete' in err and '--part 1/2' in err, err
+    with pytest.raises(MediaError, match='part0001-of-0002.json'): read_ids(shards)
+    assert prepare(capsys, videos, '--shards', shards, '--part', '1/2', *PREPARE)[0] == 0     # a rerun finishes it
+    assert read_ids(shards) == [f'clip{k}' for k in range(6)]
+
+
+def test_a_tar_named_twice_or_left_empty_is_named(tmp_path, capsys):
+    """Finding 4: two part indexes naming the same tar read one clip twice and lost another; a 0-byte tar was read as an
+    empty shard (7 of 8 clips read while `len()` said 8)."""
+    from cavmae_sync.shards import ShardDataset
+    videos, shards = small_videos(tmp_path / 'videos', 4), tmp_path / 'shards'
+    for part in ('0/2', '1/2'): assert prepare(capsys, videos, '--shards', shards, '--part', part, *PREPARE)[0] == 0
+    first, second = shards / 'part0000-of-0002.json', shards / 'part0001-of-0002.json'
+    saved = second.read_text()
+    index = json.loads(saved)
+    twice = json.loads(first.read_text())['shards'][0]['name']
+    index['shards'][0]['name'] = twice                                  # part 1 names part 0's first tar
+    second.write_text(json.dumps(index))
+    with pytest.raises(MediaError, match=twice) as error: read_ids(shards)
+    assert first.name in str(error.value) and second.name in str(error.value)
+    second.write_text(saved)
+    empty = shards / twice
+    empty.write_bytes(b'')
+    assert len(ShardDataset(shards, 'eval', SHARD_CONFIG)) == 4
+    with pytest.raises(MediaError, match=twice) as error: read_ids(shards)
+    assert '0 bytes' in str(error.value)
+    with pytest.raises(MediaError, match='0 bytes'): list(ShardDataset([empty], 'eval', SHARD_CONFIG))   # no index too
+
+
+def test_a_damaged_shard_index_is_a_one_line_error(tmp_path, capsys):
+    "Finding 11 (shards): a shard index of the wrong JSON shape, or not UTF-8, ended in a traceback (TypeError, ...)."
+    from cavmae_sync.shards import ShardDataset
+    videos, shards = small_videos(tmp_path / 'videos', 2), tmp_path / 'shards'
+    assert prepare(capsys, videos, '--shards', shards, *PREPARE)[0] == 0
+    index = shards / 'part0000-of-0001.json'
+    for damage, reason in ((json.dumps({'part': 0, 'parts': 1, 'shards': 'x', 'skipped': []}).encode(), "'shards'"),
+                           (json.dumps([0, 1]).encode(), 'not an object'),
+                           (b'{"part": 0, \xff\xfe}', 'not UTF-8')):
+        index.write_bytes(damage)
+        code, err = prepare(capsys, videos, '--shards', shards, *PREPARE)            # the writer resumes from the index
+        assert code == 1 and len(err.splitlines()) == 1 and index.name in err and reason in err, err
+        with pytest.raises(MediaError, match=index.name): ShardDataset(shards, 'eval', SHARD_CONFIG)
+        code, err = pretrain_exit(capsys, shards, tmp_path / 'run')
+        assert code == 1 and len(err.splitlines()) == 1 and index.name in err and reason in err, err
+
