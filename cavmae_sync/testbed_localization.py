@@ -19,8 +19,8 @@ from .video import unnormalize
 
 # %% auto #0
 __all__ = ['BRIGHTNESS', 'SOUND_AVERAGED', 'PromptedSet', 'prompted_set', 'pointing_hits', 'PeakCounts', 'peak_counts',
-           'sound_averaged_maps', 'common_share', 'SwapTest', 'swap_test', 'LocalizationEvidence',
-           'localization_evidence', 'localization_table', 'plot_prompted_maps']
+           'sound_averaged_maps', 'common_share', 'SwapTest', 'swap_test', 'PeakRelations', 'peak_relations',
+           'LocalizationEvidence', 'localization_evidence', 'localization_table', 'plot_prompted_maps']
 
 # %% ../nbs/11a_testbed_localization.ipynb #24d985fe
 @dataclass
@@ -168,6 +168,46 @@ def swap_test(peaks: PeakCounts, prompted: PromptedSet) -> SwapTest:
     chance = prompted.masks.flatten(1).double().mean().item() * 100
     return SwapTest(float(follow), float(other), chance_share, chance, len(prompted))
 
+# %% ../nbs/11a_testbed_localization.ipynb #eebe6605
+@dataclass
+class PeakRelations:
+    "Where the maps' peaks land relative to the played object, in percent of the prompts."
+    prompted: float      # on the played object
+    partner: float       # on the object active with it in its clip (a source's decoy, a decoy's source)
+    other: float         # on an object of another source's pair
+    background: float    # on no object
+    chance: dict         # {relation: % of on-object peaks} for a map that ignores the sound
+
+    @property
+    def line(self) -> str:
+        on_objects = self.prompted + self.partner + self.other
+        share = lambda x: 100 * x / on_objects if on_objects else 0.0
+        return (f"peaks on the played object {self.prompted:.1f}%, its partner {self.partner:.1f}%, the other pair "
+                f"{self.other:.1f}%, no object {self.background:.1f}%: of the on-object peaks {share(self.prompted):.0f} / "
+                f"{share(self.partner):.0f} / {share(self.other):.0f}% (a map that ignores the sound: "
+                + ' / '.join(f'{v:.0f}' for v in self.chance.values()) + '%)')
+
+def peak_relations(maps: torch.Tensor,     # (M, S, S) one map per prompt
+                   prompted: PromptedSet,
+                  ) -> PeakRelations:
+    "Sort each prompt's peak by the relation of the object it lands on to the played object."
+    peaks = maps.flatten(1).argmax(1)                                                   # (M,)
+    objects, follows = prompted.table['object'].to_numpy(), prompted.table['follows'].to_numpy()
+    counts, chance = dict(prompted=0, partner=0, other=0, background=0), dict(prompted=0.0, partner=0.0, other=0.0)
+    for i in range(len(prompted)):
+        same_image = np.flatnonzero(prompted.images == prompted.images[i])              # the image's prompts = its objects
+        partners = (follows[same_image] == follows[i]) & (objects[same_image] != objects[i])
+        chance['prompted'] += 1 / len(same_image)
+        chance['partner'] += partners.sum() / len(same_image)
+        chance['other'] += (~partners).sum() / len(same_image) - 1 / len(same_image)
+        hit = [j for j in same_image if prompted.masks[j].flatten()[peaks[i]]]
+        if not hit: counts['background'] += 1
+        elif hit[0] == i: counts['prompted'] += 1
+        elif follows[hit[0]] == follows[i]: counts['partner'] += 1
+        else: counts['other'] += 1
+    percent = {k: 100 * v / len(prompted) for k, v in counts.items()}
+    return PeakRelations(**percent, chance={k: 100 * v / len(prompted) for k, v in chance.items()})
+
 # %% ../nbs/11a_testbed_localization.ipynb #e37f9e3d
 @dataclass
 class LocalizationEvidence:
@@ -178,6 +218,7 @@ class LocalizationEvidence:
     control_hits: dict            # {audio-free map: (M,) its hits on the same prompts}
     swap: SwapTest                # where the peak goes as the image hears each of its objects
     common_share: float           # % of the model's map common to all of an image's sounds
+    relations: PeakRelations | None = None   # where the peaks land instead
     seed: int = 0
 
     @property
@@ -205,7 +246,8 @@ class LocalizationEvidence:
                 f"{self.common_share:.0f}% of its map is common to all sounds")
 
     @property
-    def lines(self) -> list: return [f"- {self.model}: {self.control_evidence}"]
+    def lines(self) -> list:
+        return [f"- {self.model}: {self.control_evidence}"] + ([f"  - {self.relations.line}"] if self.relations else [])
 
 BRIGHTNESS, SOUND_AVERAGED = 'brightness map', 'sound-averaged map'   # the audio-free controls' names
 
@@ -221,7 +263,7 @@ def localization_evidence(name: str,                 # the model's name
     controls = {BRIGHTNESS: pointing_hits(prompted.brightness, prompted.masks),
                 SOUND_AVERAGED: pointing_hits(sound_averaged_maps(maps.maps, prompted.images), prompted.masks)}
     return LocalizationEvidence(name, peaks.on_prompted, prompted.clips, controls, swap_test(peaks, prompted),
-                                common_share(maps.maps, prompted.images), seed)
+                                common_share(maps.maps, prompted.images), peak_relations(maps.maps, prompted), seed)
 
 # %% ../nbs/11a_testbed_localization.ipynb #a7fe129c
 def localization_table(maps: dict,               # {model name: LocalizationMaps}, all of the same prompts

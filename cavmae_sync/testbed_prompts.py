@@ -26,6 +26,7 @@ class PromptedFrame:
     object_masks: np.ndarray   # (O, H, W) bool: the pixels of each object (sources, then decoys)
     object_classes: np.ndarray # (O,) class of each object
     num_sources: int           # K: objects 0..K-1 sound in the clip (the others are its silent decoys)
+    follows: np.ndarray        # (O,) the source each object is active with in the clip (a source: itself)
 
 def prompted_frame(config: SyntheticConfig,   # the testbed's parameters
                    index: int,                # test clip number
@@ -47,10 +48,11 @@ def prompted_frame(config: SyntheticConfig,   # the testbed's parameters
         box, inside = draw_shape(image, look.shape, positions[o], scene.radii[o] * PULSE_SCALE, active_colour,
                                  look.texture, config.scale)
         masks[o][box] = inside
-    return PromptedFrame(np.round(image * 255).astype(np.uint8), masks, scene.classes.copy(), scene.num_sources)
+    return PromptedFrame(np.round(image * 255).astype(np.uint8), masks, scene.classes.copy(), scene.num_sources,
+                         scene.drives.copy())
 
 # %% ../nbs/07a_testbed_prompts.ipynb #f87e06ee
-PROMPTS_VERSION = 1                 # bump when the prompted frames change
+PROMPTS_VERSION = 2                 # bump when the prompted frames change (2: the `follows` column)
 PROMPTS_FOLDER = 'prompted'         # beside the testbed's videos/
 PROMPTS_FRAMES_PER_CLIP = 4         # frames of each test clip that are prompted
 
@@ -89,7 +91,7 @@ def _write_prompt_files(folder: Path, dataset: SyntheticDataset, frames_per_clip
             for o, c in enumerate(shown.object_classes):
                 rows.append(dict(image_location=f'{stem}.png', ade_class_id=int(c) + 1, vggsound_file=f'class_{c:02d}.wav',
                                  ade_class_name=names[int(c)], video_id=vid, frame=t, object=o,
-                                 sounds_in_clip=o < shown.num_sources))
+                                 sounds_in_clip=o < shown.num_sources, follows=int(shown.follows[o])))
     for c in sorted({row['ade_class_id'] - 1 for row in rows}):
         waveform = class_waveform(c, dataset.config)                                  # (S,) float32 in [-1, 1]
         soundfile.write(folder / 'audio' / f'class_{c:02d}.wav', waveform, dataset.config.sample_rate, subtype='PCM_16')

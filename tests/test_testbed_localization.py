@@ -1,4 +1,5 @@
-"Testbed localization: the prompted frames leave no audio-free shortcut, a map that follows the sound scores high, and a model is scored end to end through the ADE20K Sound path."
+"""Testbed localization: the prompted frames leave no audio-free shortcut, a map that follows the sound scores high,
+and a model is scored end to end through the ADE20K Sound path."""
 import numpy as np
 import pytest
 import torch
@@ -45,7 +46,8 @@ def test_no_audio_free_map_finds_the_prompted_object(prompted):
     "An audio-free map peaks at the same place for every prompt of an image: 1 in `objects` of its on-object peaks."
     rng = torch.Generator().manual_seed(0)
     image_noise = torch.rand((int(prompted.images.max()) + 1, *prompted.masks.shape[1:]), generator=rng)
-    salient = prompted.any_object.float() + 0.5 * image_noise[torch.from_numpy(prompted.images)]   # every object, no sound
+    per_prompt_noise = image_noise[torch.from_numpy(prompted.images)]
+    salient = prompted.any_object.float() + 0.5 * per_prompt_noise                      # every object, no sound
     for maps in (prompted.brightness, salient):
         peaks = peak_counts(maps, prompted)
         assert peaks.prompted_share == pytest.approx(25.0) and peaks.pointing <= 25.0 + 1e-9
@@ -55,7 +57,7 @@ def test_no_audio_free_map_finds_the_prompted_object(prompted):
 
 
 def test_a_map_that_follows_the_prompted_sound_scores_high(prompted):
-    "The prompted object's own mask (plus noise) as the map: pointing and share 100%, mAP near 100, every control passed."
+    "The prompted object's mask (plus noise) as the map: pointing and share 100%, mAP near 100, every control passed."
     noise = 0.2 * torch.rand(prompted.masks.shape, generator=torch.Generator().manual_seed(1))
     follows = as_maps(prompted.masks.float() + noise, prompted)
     table = localization_table({'follows': follows}, prompted).set_index('model')
@@ -64,7 +66,8 @@ def test_a_map_that_follows_the_prompted_sound_scores_high(prompted):
     evidence = localization_evidence('follows', follows, prompted)
     assert evidence.controls_passed and evidence.swap.passed and evidence.common_share < 40
     # against a model that only sees saliency: the claim is judged, and the saliency model is named as failing
-    deaf = localization_evidence('saliency', as_maps(sound_averaged_maps(follows.maps, prompted.images), prompted), prompted)
+    saliency = as_maps(sound_averaged_maps(follows.maps, prompted.images), prompted)
+    deaf = localization_evidence('saliency', saliency, prompted)
     verdict = localization_claim('c', evidence, deaf)
     assert verdict.outcome == 'no verdict' and 'saliency fails its control' in verdict.headline
 
@@ -83,3 +86,18 @@ def test_a_model_maps_the_prompts_through_the_ade20k_sound_path(prompted):
     assert torch.allclose(alone, maps.maps[5], atol=1e-5)
     evidence = localization_evidence('untrained', maps, prompted)
     assert evidence.hits.shape == (len(prompted),) and 0 <= evidence.swap.share <= 100
+
+
+def test_peak_relations_sort_peaks_by_the_played_objects_pair(prompted):
+    "Peaks on the played object, on its partner (the source/decoy active with it), on the other pair, or on none."
+    from cavmae_sync.testbed_localization import peak_relations
+    partner_rows = []
+    for i in range(len(prompted)):                     # a map that peaks on the played object's partner
+        same = np.flatnonzero(prompted.images == prompted.images[i])
+        follows = prompted.table['follows'].to_numpy()
+        partner = [j for j in same if j != i and follows[j] == follows[i]]
+        partner_rows.append(partner[0])
+    noise = 0.01 * torch.rand(prompted.masks.shape, generator=torch.Generator().manual_seed(2))
+    on_partner = prompted.masks[partner_rows].float() + noise
+    relations = peak_relations(on_partner, prompted)
+    assert relations.partner == pytest.approx(100.0) and relations.prompted == 0 and relations.other == 0
