@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #978f3f66
 from __future__ import annotations
-import contextlib, glob, os, socket, uuid
+import contextlib, glob, os, shutil, socket, uuid
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Iterator
@@ -12,8 +12,8 @@ from typing import Iterator
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
-           'data_dir', 'cache_lock', 'file_identity', 'shared_required', 'shared_dir', 'process_alive',
-           'remove_stale_partials', 'atomic_file']
+           'data_dir', 'file_lock', 'cache_lock', 'file_identity', 'shared_required', 'shared_dir', 'process_alive',
+           'partial_path', 'remove_stale_partials', 'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -85,16 +85,23 @@ def data_dir() -> Path:
     return folder
 
 @contextlib.contextmanager
-def cache_lock(name: str,              # which cache, e.g. 'model-<run name>'
-              ):
-    "Hold an exclusive lock on `data_dir()/.<name>.lock` (flock; none where the platform has no fcntl) while filling a shared cache."
-    folder = data_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+def file_lock(path,                    # the lock file (created if missing, never removed)
+             ):
+    "Hold an exclusive lock on the file `path` (flock; none where the platform has no fcntl)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try: import fcntl
     except ImportError: fcntl = None
-    with open(folder / f'.{name}.lock', 'a') as handle:
+    with open(path, 'a') as handle:
         if fcntl is not None: fcntl.flock(handle, fcntl.LOCK_EX)
         yield                                                                   # closing the file releases the lock
+
+@contextlib.contextmanager
+def cache_lock(name: str,              # which cache, e.g. 'model-<run name>'
+              ):
+    "Hold an exclusive lock on `data_dir()/.<name>.lock` while filling a shared cache (see `file_lock`)."
+    with file_lock(data_dir() / f'.{name}.lock'):
+        yield
 
 def file_identity(path,                   # a media or data file
                   with_path: bool = True,  # include the resolved path (False: size and time only, for indexes that may move)
@@ -132,15 +139,24 @@ def process_alive(pid: int) -> bool:
     except PermissionError: return True          # alive, owned by another user
     return True
 
-def remove_stale_partials(path,                 # the target file whose leftover temporary files to remove
-                         ) -> list[Path]:       # the files removed
-    "Remove the temporary files `atomic_file` left beside `path` when its writer was killed (`kill -9`, power loss): this host's, whose process is gone."
+def partial_path(path,                # the file or folder being (re)placed
+                ) -> Path:            # its temporary name beside it: `.<name>.<host>-<pid>-<random>.partial`
+    "A temporary name for writing `path`: unique per writer, and naming the host and process that may remove it later."
+    path = Path(path)
+    return path.with_name(f'.{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')
+
+def remove_stale_partials(path,                 # the target file or folder whose leftover temporary copies to remove
+                         ) -> list[Path]:       # the files and folders removed
+    """Remove the temporary copies (`partial_path`) a killed writer (`kill -9`, power loss) left beside `path`: only
+    this host's, whose process is gone (on a shared file system another machine's live writer keeps its own)."""
     path, removed = Path(path), []
     for partial in path.parent.glob(f'.{glob.escape(path.name)}.*.partial'):
         writer = partial.name[len(path.name) + 2:-len('.partial')].rsplit('-', 2)      # [host, pid, random]
         if len(writer) != 3 or writer[0] != _HOST or not writer[1].isdigit(): continue  # another host's or not ours: leave it
         if not process_alive(int(writer[1])):
-            partial.unlink(missing_ok=True); removed.append(partial)
+            if partial.is_dir() and not partial.is_symlink(): shutil.rmtree(partial, ignore_errors=True)
+            else: partial.unlink(missing_ok=True)
+            removed.append(partial)
     return removed
 
 @contextlib.contextmanager
@@ -153,7 +169,7 @@ def atomic_file(path,                 # the file to (re)place
     remove_stale_partials(path)
     # unique per writer (host, process, random): concurrent writers never collide, and a later writer can tell
     # whether the writer of an old temporary file is still alive
-    partial = path.with_name(f'.{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')
+    partial = partial_path(path)
     try:
         yield partial
         if fsync:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 
+from .config import data_dir, file_lock, partial_path, remove_stale_partials
+
 # %% auto #0
 __all__ = ['SYNTHETIC_VERSION', 'CLASS_LOOKS', 'SOUND_KINDS', 'MAX_CLASSES', 'BAND_LOW_HZ', 'BAND_HIGH_HZ', 'BAND_HALF_WIDTH',
            'LIT_MEAN', 'LIT_CHROMA', 'SPLITS', 'PULSE_SCALE', 'PULSE_DEPTH', 'PULSE_HZ', 'IDLE_CHROMA', 'SHADE',
@@ -846,7 +848,7 @@ def make_synthetic(root,                      # folder to create (it appears com
     if root.exists() and not ((root / PARAMS_FILE).exists() or (root.is_dir() and not any(root.iterdir()))):
         raise FileExistsError(f"{root}: exists and is not a synthetic data set (no {PARAMS_FILE}); refusing to replace it")
     root.parent.mkdir(parents=True, exist_ok=True)
-    partial = root.parent / f'.{root.name}.partial-{os.getpid()}-{time.time_ns()}'
+    partial = partial_path(root)
     start = time.perf_counter()
     try:
         for sub in ('videos', 'ground_truth'): (partial / sub).mkdir(parents=True)
@@ -907,32 +909,9 @@ def _differences(root: Path, wanted: dict) -> list[str]:
     have, want = flat(have), flat(wanted)
     return [f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
 
-class _FolderLock:
-    "An exclusive lock on a file beside the data set (flock; none where the platform has no fcntl)."
-    def __init__(self, path): self.path, self.file = Path(path), None
-    def __enter__(self):
-        try: import fcntl
-        except ImportError: return self
-        self.file = open(self.path, 'a')
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
-    def __exit__(self, *exc):
-        if self.file is not None: self.file.close()                           # closing releases the lock
-
-def _remove_stale_partials(root: Path):
-    "Delete half-written folders whose generating process is gone."
-    for partial in root.parent.glob(f'.{root.name}.partial-*'):
-        try: pid = int(partial.name.rsplit('.partial-', 1)[1].split('-')[0])
-        except ValueError: continue
-        try: os.kill(pid, 0); alive = True
-        except ProcessLookupError: alive = False
-        except PermissionError: alive = True
-        if not alive: shutil.rmtree(partial, ignore_errors=True)
-
 def cache_folder(num_train: int = DEFAULT_NUM_TRAIN, num_test: int = DEFAULT_NUM_TEST, seed: int = 0) -> Path:
     """The package's cache folder for a set of this size and seed, named after `SYNTHETIC_VERSION` (`data_dir()/synthetic_v2` for the
     default size, `synthetic_v2_<train>x<test>_seed<seed>` otherwise): a new version writes new folders and never replaces older sets."""
-    from cavmae_sync.config import data_dir
     default = (num_train, num_test, seed) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, 0)
     return data_dir() / (f'synthetic_v{SYNTHETIC_VERSION}' + ('' if default else f'_{num_train}x{num_test}_seed{seed}'))
 
@@ -949,28 +928,26 @@ def default_synthetic(root=None,                             # default: `cache_f
     made with other parameters is refused (the error names the folder and the parameters that differ) unless `force`; the cache
     folders under `data_dir()` (`synthetic*`, see `cache_folder`) are the package's own and are regenerated. Replacing a set removes only the files the generator wrote (its
     manifest): anything else in the folder stays."""
-    from cavmae_sync.config import data_dir
     root = (Path(root) if root is not None else cache_folder(num_train, num_test, seed)).resolve()
     cache = root.parent == data_dir().resolve() and root.name.startswith('synthetic')   # the package's own cache folders
     config = SyntheticConfig(**options)
     wanted = _params(config, seed, num_train, num_test, root)
     if not force and _is_current(root, wanted): return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _FolderLock(root.parent / f'.{root.name}.lock'):
+    with file_lock(root.parent / f'.{root.name}.lock'):
         if not force and _is_current(root, wanted): return root                # made by another process meanwhile
         differences = _differences(root, wanted)
         if differences and not (force or cache):
             raise FileExistsError(f"{root}: holds a synthetic set made with other parameters ({'; '.join(differences)}); "
                                   "pass force=True (--force) to replace it (only the files the generator wrote are replaced), "
                                   "or choose another folder")
-        _remove_stale_partials(root)
+        remove_stale_partials(root)
         make_synthetic(root, num_train, num_test, seed, workers=workers, overwrite=True, progress=progress, **config.to_dict())
     return root
 
 def synthetic_cli(argv=None):
     "`cavmae-sync-synthetic`: generate the synthetic set (or find it cached) and print where it is, as JSON."
     import argparse
-    from cavmae_sync.config import data_dir
     parser = argparse.ArgumentParser(prog='cavmae-sync-synthetic',
                                      description='Generate the synthetic audio-visual data set (cached: regenerated only when a parameter changes).')
     parser.add_argument('--root', type=Path, default=None, help=f"output folder (default: {cache_folder()} for the default size)")

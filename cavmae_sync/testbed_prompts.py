@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import cache_lock
+from .config import cache_lock, partial_path, remove_stale_partials
 from .synthetic import (PULSE_SCALE, SyntheticConfig, SyntheticDataset, class_waveform, draw_shape,
                                    object_colours, sample_scene, sampled_frame_indices, source_classes, video_id)
 
@@ -110,8 +110,8 @@ def write_prompts(testbed_root,                                   # a synthetic 
     if current(): return folder
     with cache_lock(f'prompts-{dataset.root.name}'):
         if current(): return folder                                                   # written meanwhile
-        partial = dataset.root / f'.{PROMPTS_FOLDER}.partial-{os.getpid()}'
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_stale_partials(folder)                                                  # left by a killed writer
+        partial = partial_path(folder)
         try:
             _write_prompt_files(partial, dataset, frames_per_clip)
             (partial / 'COMPLETE').write_text(json.dumps(wanted))

@@ -12,7 +12,7 @@ from cavmae_sync.synthetic import (COMPLETE_FILE, SHADE, SyntheticConfig, Synthe
                                    source_classes, synthetic_cli)
 from cavmae_sync.localization import localization_scores
 from cavmae_sync.audio import clip_spectrogram, load_audio, mel_center_frequencies
-from cavmae_sync.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from cavmae_sync.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, partial_path
 from cavmae_sync.data import DatafileDataset, load_clip, read_datafile, read_label_csv
 from cavmae_sync.video import read_frames
 
@@ -319,10 +319,14 @@ def test_default_synthetic_is_cached_and_regenerated_when_parameters_change(tmp_
     (root / COMPLETE_FILE).unlink()                                       # an incomplete set is never reused
     default_synthetic(root, num_train=2, num_test=1, seed=3)
     assert (root / COMPLETE_FILE).exists()
-    stale = tmp_path / '.cached.partial-999999999-1'                      # left by a killed run (no such process)
+    live = partial_path(root).name                                        # this host's name, this process
+    stale = tmp_path / live.replace(f'-{os.getpid()}-', '-999999999-')    # left by a killed run (no such process)
+    elsewhere = tmp_path / f'.cached.other_host-{os.getpid()}-0123abcd.partial'   # another machine's writer
+    elsewhere.mkdir()
     (stale / 'videos').mkdir(parents=True)
     default_synthetic(root, num_train=1, num_test=1, seed=3, force=True)
     assert not stale.exists() and SyntheticDataset.from_root(root).num_train == 1
+    assert elsewhere.exists()                                             # never another host's
     assert sorted(p.name for p in (root / 'videos').iterdir()) == ['test_00000.mp4', 'train_00000.mp4']   # the old set's extra clip is gone
 
 
