@@ -347,7 +347,7 @@ class Evaluation:
 class Comparison:
     "One of our numbers beside a published one."
     model: str            # our row (the table's model column)
-    reference: str        # whose number: 'paper: CAV-MAE Sync', 'TG-DP', ...
+    reference: str        # whose number: 'paper (CAV-MAE Sync)', 'TG-DP', ...
     measure: str          # e.g. 'audio_to_video R@1' or 'mAP (audioset_20k, frozen_encoder)'
     ours: float
     theirs: float
@@ -391,10 +391,9 @@ class ProtocolCard:
         return cls(**{**data, **nested})
 
     def write(self, table_path) -> Path:
-        "Write the card beside `table_path` (`card_path`), naming that table; returns the card's path."
-        path = card_path(table_path)
-        with atomic_file(path) as partial:
-            partial.write_text(json.dumps({**self.to_dict(), 'table': Path(table_path).name}, indent=1) + '\n')
+        "Write the card beside `table_path` (`card_path`), the card now naming that table; returns the card's path."
+        self.table, path = Path(table_path).name, card_path(table_path)
+        with atomic_file(path) as partial: partial.write_text(json.dumps(self.to_dict(), indent=1) + '\n')
         return path
 
     @classmethod
@@ -404,7 +403,8 @@ class ProtocolCard:
         "The card's main lines, printed under the table."
         c, g = self.checkpoint, self.gallery
         source = g.source + (f"; {g.missing:,} of its {g.listed:,} clips missing here" if g.missing is not None else '')
-        lines = [f"Protocol card{f' of {self.table}' if self.table else ''} ({self.task} on {self.dataset}):",
+        where = f" of {self.table} ({card_path(self.table).name})" if self.table else ''
+        lines = [f"Protocol card{where}, {self.task} on {self.dataset}:",
                  f"- checkpoint {Path(c.path).name}: sha256 {c.sha256}; {c.kind}; {c.architecture}; compared with "
                  f"{c.evaluated_as}'s published numbers",
                  f"- data: {Path(self.datafile).name}, datafile digest {self.datafile_digest}",
@@ -480,7 +480,7 @@ def retrieval_card(table: pd.DataFrame,          # `RetrievalRun.table`: one row
         ours = ours.set_index('direction')
         for r in published.itertuples():
             mine = float(ours.loc[r.direction, r.metric])
-            reference = 'TG-DP' if r.method == 'TG-DP' else f'paper: {r.method}'
+            reference = 'TG-DP' if r.method == 'TG-DP' else f'paper ({r.method})'
             comparisons.append(Comparison(name, reference, f'{r.direction} {r.metric}', mine, float(r.value),
                                           mine - float(r.value), r.source))
     evaluations = [Evaluation(name, 'zero-shot retrieval', 'none (zero-shot)', evaluation_precision(device, precision))
