@@ -121,12 +121,15 @@ def localization_row(root=None, up: str = '', model: str = 'CAV-MAE Sync (tiny)'
     n = localization_numbers(root, model)
     lines = ['| ' + ' | '.join(LOCALIZATION_HEADER) + ' |', '| --- |' + ' ---: |' * len(LOCALIZATION_KEYS),
              f"| {model} | " + ' | '.join(f'{n[k]:.1f}' for k in LOCALIZATION_KEYS) + ' |']
-    beats = n['pointing'] > max(n['brightness'], n['sound_averaged'])
-    said = 'more often than either audio-free map' if beats else 'no more often than an audio-free map'
-    share = 'more' if n['prompted_share'] > n['prompted_share_free'] else 'no more'
+    free = (n['brightness'], n['sound_averaged'])
+    said = ('more often than either audio-free map' if n['pointing'] > max(free) else
+            'less often than either audio-free map' if n['pointing'] < min(free) else
+            'no more often than an audio-free map')
+    sign = (n['prompted_share'] > n['prompted_share_free']) - (n['prompted_share'] < n['prompted_share_free'])
+    share = {1: 'more often than', 0: 'as often as', -1: 'less often than'}[sign]
     lines += ['', f"Percent of {n['prompts']} prompts ([localization.csv]({up}figures/localization.csv)): the map of "
               f"{model} peaks on the played object {said}, and its peaks on an object land on the played one {share} "
-              "often than an audio-free map's."]
+              "an audio-free map's."]
     return '\n'.join(lines)
 
 # %% ../nbs/17_report.ipynb #c1cac224
