@@ -25,11 +25,11 @@ from .embeddings import model_preprocess_config, evaluation_autocast, eval_mode
 from .checkpoint import load_model_file
 
 # %% auto #0
-__all__ = ['SILENCE_RMS', 'ZERO_REFERENCES', 'fbank_frames', 'offset_grid', 'zero_centres', 'WindowBank', 'window_bank',
-           'OffsetInputs', 'num_fbank_frames', 'decode_for_offset', 'OffsetResult', 'score_offsets', 'encode_windows',
-           'bank_spacing', 'av_offset', 'shift_waveform', 'read_all_frames', 'write_shifted_clip', 'time_coded_clip',
-           'TimeCodedModel', 'offset_accuracy', 'offset_summary', 'cached_tiny_model', 'resolve_checkpoint',
-           'offset_cli']
+__all__ = ['SILENCE_RMS', 'ZERO_REFERENCES', 'fbank_frames', 'check_offset_range', 'offset_grid', 'zero_centres', 'offset_reach',
+           'WindowBank', 'window_bank', 'OffsetInputs', 'num_fbank_frames', 'decode_for_offset', 'OffsetResult',
+           'score_offsets', 'encode_windows', 'bank_spacing', 'av_offset', 'shift_waveform', 'read_all_frames',
+           'write_shifted_clip', 'time_coded_clip', 'TimeCodedModel', 'offset_accuracy', 'offset_summary',
+           'cached_tiny_model', 'resolve_checkpoint', 'offset_cli']
 
 # %% ../nbs/13_sync.ipynb #27f37741
 SILENCE_RMS = 1e-3          # -60 dBFS: a clip whose audio RMS is below this is treated as silent (no estimate)
@@ -38,7 +38,9 @@ def fbank_frames(seconds: float,   # a duration that must be whole fbank frames 
                  name: str,        # the argument's name, for the error
                 ) -> int:          # the duration in fbank frames (>= 1)
     "`seconds` as a whole, positive number of fbank frames; an error naming `name` otherwise."
-    if not (isinstance(seconds, (int, float)) and seconds > 0): raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if not (number and math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {seconds!r}")
     frames = seconds / FBANK_SHIFT_SECONDS
     if round(frames) < 1 or abs(frames - round(frames)) > 1e-6:
         nearest = max(1, round(frames)) * FBANK_SHIFT_SECONDS
@@ -46,12 +48,21 @@ def fbank_frames(seconds: float,   # a duration that must be whole fbank frames 
                          f"move by whole spectrogram frames; use e.g. {name}={nearest:.2f}")
     return round(frames)
 
+def check_offset_range(max_offset: float = 2.0,   # seconds either way
+                       step: float = 0.04,        # seconds between offsets
+                      ) -> int:                   # the step in fbank frames
+    "Refuse a step that is not whole fbank frames, and a max_offset that is not a finite number >= 0; builds nothing."
+    frames = fbank_frames(step, 'step')
+    finite = isinstance(max_offset, (int, float)) and not isinstance(max_offset, bool) and math.isfinite(max_offset)
+    if not (finite and max_offset >= 0):
+        raise ValueError(f"max_offset must be a finite number of seconds >= 0, got {max_offset!r}")
+    return frames
+
 def offset_grid(max_offset: float = 2.0,   # seconds: offsets from -max_offset to +max_offset
                 step: float = 0.04,        # seconds between offsets; a multiple of the 10 ms fbank hop
                ) -> torch.Tensor:          # (K,) int64 offsets in fbank frames, ascending, 0 included
     "The offsets `av_offset` tries, in fbank frames (x 10 ms = seconds)."
-    frames = fbank_frames(step, 'step')
-    if not (isinstance(max_offset, (int, float)) and max_offset >= 0): raise ValueError(f"max_offset must be >= 0 seconds, got {max_offset!r}")
+    frames = check_offset_range(max_offset, step)
     n = int(math.floor(max_offset / step + 1e-9))
     return torch.arange(-n, n + 1) * frames                              # (K,)
 
@@ -68,6 +79,17 @@ def zero_centres(frame_times,                # (T,) seconds of each frame from t
     T = len(times)
     if T != config.num_frames: raise ValueError(f"zero='model' needs the model's {config.num_frames} frames, got {T}")
     return window_centres(config.target_length, T)                                   # (T,) window_bounds' centres, unclamped
+
+def offset_reach(centres,                     # (T,) int64 fbank frame each frame's zero-offset window is centred on
+                 num_spectrogram_frames: int,  # S: fbank frames of the whole audio
+                 window: int,                  # L: fbank frames per window
+                ) -> int | None:               # fbank frames; None when no window fits in the audio at all (S < L)
+    "The largest |offset| at which some frame's shifted window still lies inside the audio: beyond it, no frame counts."
+    if num_spectrogram_frames < window: return None
+    centres = torch.as_tensor(centres, dtype=torch.long)
+    first = window // 2 - centres                                    # (T,) the offset that starts frame t's window at 0
+    last = num_spectrogram_frames - window + window // 2 - centres   # (T,) the one that ends it at the audio's end
+    return int(torch.maximum(first.abs(), last.abs()).max())
 
 @dataclass
 class WindowBank:
@@ -128,7 +150,8 @@ class OffsetInputs:
     spectrogram: torch.Tensor    # (N, mel) normalized fbank of the real audio (no padding), N frames of 10 ms
     frame_times: torch.Tensor    # (T,) float64 seconds from the first frame
     rms: float                   # RMS of the waveform (silence check)
-    audio_seconds: float         # length of the decoded audio
+    audio_seconds: float         # length of the decoded audio that is kept (what any window can reach)
+    whole_audio_samples: int | None = None   # samples of all the decoded audio (it bounds the offsets); None: the kept
 
 def num_fbank_frames(num_samples: int, sample_rate: int) -> int:
     "Frames of a Kaldi fbank (25 ms frames, 10 ms hop, no partial frames) of `num_samples` samples."
@@ -137,7 +160,7 @@ def num_fbank_frames(num_samples: int, sample_rate: int) -> int:
 
 def decode_for_offset(path,                        # a video file with an audio stream
                       config: PreprocessConfig,    # the model's preprocessing (`model_preprocess_config`)
-                      max_shift_frames: int = 200, # largest |offset| in fbank frames: the audio kept past the frames' span
+                      max_shift_frames: float = 200,  # largest |offset| in fbank frames: audio kept past the frames
                      ) -> OffsetInputs:
     "The clip's T normalized frames and the normalized spectrogram of its real audio, decoded once."
     path = check_media_file(path)
@@ -145,13 +168,15 @@ def decode_for_offset(path,                        # a video file with an audio 
     frames = eval_transform(config.image_size)(video.frames.permute(0, 3, 1, 2))        # (T, 3, S, S)
     times = (video.times - video.times[0]).double()                                     # (T,) from the first frame
     waveform = read_clip_audio(path, config)                                            # (N,) on the frames' timeline
-    keep = int((float(times[-1]) + (max_shift_frames + config.window) * FBANK_SHIFT_SECONDS + 0.05) * config.sample_rate)
-    waveform = waveform[:keep]                                                          # (N',) what any window can reach
+    if not max_shift_frames >= 0: raise ValueError(f"max_shift_frames must be >= 0, got {max_shift_frames!r}")
+    reachable = float(times[-1]) + (max_shift_frames + config.window) * FBANK_SHIFT_SECONDS + 0.05   # s (inf: all)
+    whole = waveform.numel()
+    waveform = waveform[:int(min(reachable * config.sample_rate, whole))]             # (N',) what any window can reach
     rms = float(waveform.double().square().mean().sqrt()) if waveform.numel() else 0.0
     count = num_fbank_frames(waveform.numel(), config.sample_rate)
     spectrogram = (clip_spectrogram(waveform, config.sample_rate, count, config.audio_mean, config.audio_std, config.num_mel_bins)
                    if count else torch.zeros(0, config.num_mel_bins))                  # (count, mel): no padding
-    return OffsetInputs(frames, spectrogram, times, rms, waveform.numel() / config.sample_rate)
+    return OffsetInputs(frames, spectrogram, times, rms, waveform.numel() / config.sample_rate, whole)
 
 # %% ../nbs/13_sync.ipynb #f6fe79ab
 @dataclass
@@ -159,7 +184,7 @@ class OffsetResult:
     "What `av_offset` found for one clip. Positive offsets: the audio comes late."
     path: str
     offset: float | None          # seconds, the best offset (positive: audio late); None: no estimate (see `reason`)
-    confidence: float | None      # peak of the curve minus its median (cosine units); ~0: no evidence
+    confidence: float | None      # the answer's curve value minus the curve's median (cosine units); ~0: no evidence
     offsets: torch.Tensor         # (K,) float64 seconds tried
     curve: torch.Tensor           # (K,) mean over the frames that count of cos(frame, shifted window); NaN: too few frames
     frames_used: torch.Tensor     # (K,) int64 frames whose shifted window lies inside the audio
@@ -167,6 +192,7 @@ class OffsetResult:
     frame_times: torch.Tensor     # (T,) float64 seconds
     reason: str | None = None     # why there is no estimate
     zero: str = 'model'           # what offset 0 means: 'model' (the model's own frame-window pairing) or 'frames' (presentation times)
+    frames_needed: int | None = None   # frames an answer needed (`min_share` of the best-supported offset's)
 
     @property
     def ok(self) -> bool: return self.offset is not None
@@ -182,17 +208,21 @@ class OffsetResult:
         listed = lambda x: [None if not math.isfinite(v) else round(float(v), 6) for v in x.tolist()]
         out = {'path': self.path, 'offset': self.offset, 'confidence': self.confidence, 'reason': self.reason, 'zero': self.zero}
         if curve: out.update(offsets=listed(self.offsets), curve=listed(self.curve), frames_used=self.frames_used.tolist(),
-                             frame_offsets=listed(self.frame_offsets))
+                             frames_needed=self.frames_needed, frame_offsets=listed(self.frame_offsets))
         return out
 
 def score_offsets(cosines: torch.Tensor,     # (T, K) cos(frame t, its window at offset k); ignored where not `valid`
                   valid: torch.Tensor,       # (T, K) bool: the window lies inside the audio
                   offsets_s: torch.Tensor,   # (K,) seconds
-                  min_frames: int = 4,       # an offset needs this many frames that count
+                  min_frames: int = 4,       # an offset needs this many frames that count to have a curve value
                   path: str = '',
                   frame_times: torch.Tensor | None = None,
+                  min_share: float = 2 / 3,  # ... and this share of the best-supported offset's frames to be the answer
                  ) -> OffsetResult:
-    "Curve (diagonal_mean over the frames that count), best offset, confidence (peak - median) and per-frame best offsets."
+    """Curve (diagonal_mean over the frames that count), best offset among those seen by at least `min_share` of
+    the frames the best-supported offset has, confidence (its curve value - the curve's median), per-frame offsets."""
+    share_ok = isinstance(min_share, (int, float)) and 0 < min_share <= 1
+    if not share_ok: raise ValueError(f"min_share must be a share of the frames in (0, 1], got {min_share!r}")
     T, K = cosines.shape
     used = valid.sum(0)                                                                  # (K,)
     total = torch.where(valid, cosines.double(), 0.0).sum(0)                             # (K,)
@@ -205,10 +235,13 @@ def score_offsets(cosines: torch.Tensor,     # (T, K) cos(frame t, its window at
         return OffsetResult(path, None, None, offsets_s.double(), curve, used, frame_offsets, times,
                             f'no offset has {min_frames} frames whose shifted window lies inside the audio (at most {int(used.max())}); '
                             'the clip is too short for this max_offset and window')
-    peak = int(torch.nan_to_num(curve, nan=-torch.inf).argmax())
+    needed = max(min_frames, math.ceil(min_share * int(used.max()) - 1e-9))             # frames an answer must have
+    candidates = ~torch.isnan(curve) & (used >= needed)                   # (K,) the best-supported offset is one
+    peak = int(torch.where(candidates, curve, -torch.inf).argmax())
     finite = curve[~torch.isnan(curve)]
     confidence = float(curve[peak] - finite.median()) if len(finite) > 1 else 0.0
-    return OffsetResult(path, round(float(offsets_s[peak]), 6), confidence, offsets_s.double(), curve, used, frame_offsets, times)
+    return OffsetResult(path, round(float(offsets_s[peak]), 6), confidence, offsets_s.double(), curve, used,
+                        frame_offsets, times, frames_needed=needed)
 
 # %% ../nbs/13_sync.ipynb #7ef5dbaa
 def _device_of(model, device):
@@ -242,28 +275,53 @@ def av_offset(video,                        # a video file with an audio stream,
               precision: str = 'fp16',      # CUDA autocast as in evaluation; fp32 on a CPU
               bank_step: float | None = None,  # seconds between encoded windows (default: one audio patch, 0.16 s); 0.01: exact
               zero: str = 'model',          # offset 0: 'model' (the pairing the model was trained with) or 'frames' (presentation times)
+              min_share: float = 2 / 3,     # an answer needs this share of the frames of the best-supported offset
              ) -> OffsetResult:
-    "How far the audio of `video` is shifted against its picture (positive: the audio comes late), with the whole curve."
+    """How far the audio of `video` is shifted against its picture (positive: the audio comes late), with the whole
+    curve. A `max_offset` beyond the clip's reach (no frame's shifted window inside the audio) is refused before any
+    grid is built."""
     config = model_preprocess_config(model)
     if config.window >= config.target_length or config.num_frames < 2:
         raise ValueError(f"this model hears the whole clip at once (window {config.window} fbank frames, {config.num_frames} frame(s) "
                          "per clip, as the CAV-MAE baseline): it has no frame-aligned audio windows to slide, so it cannot measure an offset")
-    offsets = offset_grid(max_offset, step)                                                # (K,) fbank frames
+    step_frames = check_offset_range(max_offset, step)                                     # nothing built yet
     spacing = bank_spacing(model, bank_step)
     if zero not in ZERO_REFERENCES: raise ValueError(f"zero must be one of {ZERO_REFERENCES}, got {zero!r}")
-    inputs = video if isinstance(video, OffsetInputs) else decode_for_offset(video, config, int(offsets.abs().max()))
-    path = str(getattr(video, 'path', video)) if not isinstance(video, OffsetInputs) else ''
-    T, K, L = inputs.frames.shape[0], len(offsets), config.window
-    offsets_s = offsets.double() * FBANK_SHIFT_SECONDS
+    decoded = isinstance(video, OffsetInputs)
+    inputs = video if decoded else decode_for_offset(video, config, max_offset / FBANK_SHIFT_SECONDS)
+    path = '' if decoded else str(getattr(video, 'path', video))
+    T, L = inputs.frames.shape[0], config.window
     min_frames = max(2, T // 4) if min_frames is None else min_frames
-    empty = lambda reason: OffsetResult(path, None, None, offsets_s, torch.full((K,), torch.nan, dtype=torch.float64),
-                                        torch.zeros(K, dtype=torch.long), torch.full((T,), torch.nan, dtype=torch.float64),
-                                        inputs.frame_times, reason, zero)
-    if inputs.spectrogram.shape[0] < L:
-        return empty(f'the audio lasts {inputs.audio_seconds:.2f} s, shorter than the model\'s window of {L * FBANK_SHIFT_SECONDS:.2f} s')
+    whole_samples = inputs.whole_audio_samples
+    if whole_samples is None: whole_samples = round(inputs.audio_seconds * config.sample_rate)
+    audio_seconds = whole_samples / config.sample_rate
+    clip_seconds = max(audio_seconds, float(inputs.frame_times[-1]))
+
+    def empty(reason, grid_end=max_offset):                                  # no estimate, nothing encoded
+        offsets_s = offset_grid(grid_end, step).double() * FBANK_SHIFT_SECONDS            # (K,)
+        K = len(offsets_s)
+        return OffsetResult(path, None, None, offsets_s, torch.full((K,), torch.nan, dtype=torch.float64),
+                            torch.zeros(K, dtype=torch.long), torch.full((T,), torch.nan, dtype=torch.float64),
+                            inputs.frame_times, reason, zero)
+    window_s = L * FBANK_SHIFT_SECONDS
+    if inputs.spectrogram.shape[0] < L:                     # no offset is tried: the grid stops at the clip's length
+        return empty(f'the audio lasts {inputs.audio_seconds:.2f} s, '
+                     f'shorter than the model\'s window of {window_s:.2f} s', min(max_offset, clip_seconds))
+    centres = zero_centres(inputs.frame_times, config, zero)                               # (T,) fbank frames
+    reach = offset_reach(centres, num_fbank_frames(whole_samples, config.sample_rate), L)  # fbank frames
+    reach_s = reach * FBANK_SHIFT_SECONDS
+    beyond_reach = (max_offset > reach_s + step                               # checked first: no grid of 1e300 s
+                    or math.floor(max_offset / step + 1e-9) * step_frames > reach)
+    if beyond_reach:
+        where = f'{path}: ' if path else ''
+        raise ValueError(f"{where}max_offset={max_offset:g} s is more than this clip can support: "
+                         f"it lasts {clip_seconds:.2f} s ({audio_seconds:.2f} s of audio), and beyond {reach_s:.2f} s "
+                         f"no frame's {window_s:.2f}-s audio window lies inside the audio; "
+                         f"use a max_offset of at most {reach_s:.2f}")
     if inputs.rms < SILENCE_RMS:
         return empty(f'the audio is silent (RMS {inputs.rms:.1e}, below {SILENCE_RMS:.0e} = -60 dBFS)')
-    centres = zero_centres(inputs.frame_times, config, zero)                               # (T,) fbank frames
+    offsets = offset_grid(max_offset, step)                                  # (K,) fbank frames, within reach
+    offsets_s = offsets.double() * FBANK_SHIFT_SECONDS
     bank = window_bank(centres, offsets, inputs.spectrogram.shape[0], L, spacing)
     if len(bank.starts) == 0:
         return empty(f'no frame\'s window fits inside the {inputs.audio_seconds:.2f} s of audio at any offset')
@@ -274,7 +332,7 @@ def av_offset(video,                        # a video file with an audio stream,
         frames = F.normalize(frames, dim=-1)
         windows = encode_windows(model, inputs.spectrogram, bank.starts, L, device, batch_size, precision)   # (J, D)
     cosines = bank.read(frames @ windows.T)                                                # (T, J) -> (T, K)
-    result = score_offsets(cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times)
+    result = score_offsets(cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times, min_share)
     result.zero = zero
     return result
 
@@ -437,7 +495,7 @@ def offset_cli(argv: list[str] | None = None):
     parser.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda if available)')
     args = parser.parse_args(argv)
     try:
-        offset_grid(args.max_offset, args.step)
+        check_offset_range(args.max_offset, args.step)                     # inf, nan, a bad step: before any work
         checkpoint = resolve_checkpoint(args.checkpoint)
         device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
         model = load_model_file(checkpoint, device=device)

@@ -24,10 +24,10 @@ from .config import MediaError, NUM_FRAMES, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_
 # %% auto #0
 __all__ = ['VIDEO_EXTENSIONS', 'MISSING_FRAMES_ACCEPTED', 'MISSING_FRAMES_FRACTION', 'MAX_FRAME_PIXELS', 'FRAME_PRESETS',
            'EXTRACTION_QUALITY', 'CAVMAE_EXTRACTED_FRAMES', 'CAVMAE_EVAL_FRAME', 'write_video', 'sample_times',
-           'frames_on_screen', 'check_media_file', 'VideoFrames', 'check_frames_present', 'demux_frame_times',
-           'check_frame_size', 'read_frames', 'ReleasedPipelineWarning', 'check_frame_preset', 'declared_frame_count',
-           'preset_frame_indices', 'released_crop', 'jpeg_round_trip', 'read_preset_frames', 'FrameTransform',
-           'eval_transform', 'train_transform', 'unnormalize']
+           'frames_on_screen', 'check_media_file', 'VideoFrames', 'check_frames_present', 'BrokenTimestampsWarning',
+           'demux_frame_times', 'check_frame_size', 'read_frames', 'ReleasedPipelineWarning', 'check_frame_preset',
+           'declared_frame_count', 'preset_frame_indices', 'released_crop', 'jpeg_round_trip', 'read_preset_frames',
+           'FrameTransform', 'eval_transform', 'train_transform', 'unnormalize']
 
 # %% ../nbs/02_video.ipynb #77fcfe44
 _CHANNEL_LAYOUTS = {1: 'mono', 2: 'stereo', 3: '2.1', 4: 'quad', 5: '5.0', 6: '5.1', 8: '7.1'}
@@ -154,6 +154,9 @@ def check_frames_present(path,            # the video, for the message
         raise MediaError(path, f'truncated video stream: {present} of the {declared} declared frames are present')
     return missing
 
+class BrokenTimestampsWarning(UserWarning):
+    "A video whose frames all carry one timestamp: read at the stream's declared frame rate instead."
+
 def demux_frame_times(path, threads, counts: dict | None = None):
     "Presentation times (N,) of the frames PyAV outputs, and the average frame rate; `counts` receives 'missing' (declared, absent)."
     with _open_pyav(path) as container:
@@ -161,6 +164,7 @@ def demux_frame_times(path, threads, counts: dict | None = None):
         stream = container.streams.video[0]
         time_base, declared = stream.time_base, stream.frames
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+        declared_rate = float(stream.guessed_rate or stream.average_rate or 0)   # not a rate read off timestamps
         start = stream.start_time or 0
         pts, packets = [], 0
         try:
@@ -177,6 +181,14 @@ def demux_frame_times(path, threads, counts: dict | None = None):
         if not fps: raise MediaError(path, 'video stream has neither timestamps nor a frame rate')
         return np.arange(len(pts)) / fps, fps
     times = (np.sort(np.array(pts, dtype=np.float64)) - start) * float(time_base)
+    if len(times) > 1 and times[-1] == times[0]:          # every frame at one instant: the timestamps say nothing
+        if not declared_rate:
+            raise MediaError(path, f'broken timestamps: all {len(times)} frames carry the timestamp {times[0]:.3f} s, '
+                                   'and the stream declares no frame rate')
+        warnings.warn(f"{path}: broken timestamps: all {len(times)} frames carry the timestamp {times[0]:.3f} s; "
+                      f"read at the stream's declared {declared_rate:g} fps instead",
+                      BrokenTimestampsWarning, stacklevel=2)
+        return np.arange(len(times)) / declared_rate, declared_rate
     if fps is None: fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 1.0
     return times, fps
 

@@ -495,3 +495,89 @@ def test_a_damaged_shard_index_is_a_one_line_error(tmp_path, capsys):
         code, err = pretrain_exit(capsys, shards, tmp_path / 'run')
         assert code == 1 and len(err.splitlines()) == 1 and index.name in err and reason in err, err
 
+
+
+# --- the offset tool (issue 28: findings 2 and 9) ---------------------------------------------------------------
+
+
+def test_the_offset_tool_refuses_offsets_the_clip_cannot_hold(tmp_path, monkeypatch):
+    """Finding 2: `cavmae-sync-offset clip.mp4 --max-offset 1e6` grew to 24 GB; 1e9 and inf ended in tracebacks. Now a
+    max_offset the clip cannot support is refused, naming the value and the clip's length, before a grid is built."""
+    import contextlib, io
+    from cavmae_sync import sync
+    from cavmae_sync.checkpoint import save_checkpoint
+    from cavmae_sync.model import CAVMAESync
+    clip = sync.time_coded_clip(tmp_path / 'clip.mp4', duration=12.0)
+    checkpoint = save_checkpoint(tmp_path / 'model.pt', CAVMAESync(tiny(num_frames=4, audio_length=64, image_size=32)))
+    built = []
+    def bounded_grid(max_offset=2.0, step=0.04):                 # no grid beyond the clip: it is what took the memory
+        assert max_offset <= 12.0, f'a grid of +-{max_offset} s was built for a 12 s clip'
+        built.append(max_offset)
+        return grid(max_offset, step)
+    grid = sync.offset_grid
+    monkeypatch.setattr(sync, 'offset_grid', bounded_grid)
+    def run(max_offset):
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try: sync.offset_cli([str(clip), '--checkpoint', str(checkpoint), '--max-offset', max_offset])
+            except SystemExit as e: code = e.code
+        return code, out.getvalue(), err.getvalue()
+    for max_offset, shown in (('1e6', '1e+06'), ('1e9', '1e+09'), ('60', '60')):
+        code, out, _ = run(max_offset)
+        assert code == 1 and len(out.splitlines()) == 1, out
+        assert f'max_offset={shown} s is more than this clip can support' in out and 'it lasts 12.0' in out, out
+    for max_offset in ('inf', 'nan'):
+        code, out, err = run(max_offset)
+        assert code == 2 and out == '' and len(err.splitlines()) == 1 and 'finite number of seconds' in err, err
+    code, out, _ = run('2')
+    assert code == 0 and 'confidence' in out and built == [2.0]                    # good input: as before
+
+
+def test_an_offset_seen_by_few_frames_does_not_win(tmp_path, monkeypatch):
+    """Finding 9: with a wide --max-offset and --step 0.01 the tiny testbed model answered from 4 or 5 of 16 frames (a
+    frame at the clip's edge, whose window fits only there) at twice the confidence of the default run. Now an answer
+    needs two thirds of the frames of the best-supported offset; the wide search finds what the default run finds."""
+    from cavmae_sync.checkpoint import load_model_file
+    from cavmae_sync.synthetic import make_synthetic
+    from cavmae_sync.sync import av_offset, cached_tiny_model
+    monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path / 'no cache'))         # the shipped model, not a local one
+    checkpoint = cached_tiny_model('sync')
+    if checkpoint is None: pytest.skip('no tiny model shipped in checkpoints/testbed')
+    make_synthetic(tmp_path / 'set', num_train=0, num_test=5, seed=1, image_size=64, duration=12.0, workers=1)
+    clip = sorted((tmp_path / 'set').rglob('test_00004.mp4'))[0]                # 12 s: the old rule answered +8.48 s
+    model = load_model_file(checkpoint)
+    default, wide = av_offset(clip, model), av_offset(clip, model, max_offset=8.5, step=0.01)
+    answer = int((wide.offsets - wide.offset).abs().argmin())
+    assert int(wide.frames_used[answer]) * 3 >= 2 * int(wide.frames_used.max()), wide.summary()
+    assert abs(wide.offset - default.offset) <= 0.2, (wide.summary(), default.summary())
+
+
+def test_frames_that_all_carry_one_timestamp_are_named(tmp_path):
+    """Finding 9: a video whose frames all carry timestamp 0 was accepted without a warning, as 16 copies of one frame.
+    Now it is named (broken timestamps) and read at its declared frame rate."""
+    import av
+    from cavmae_sync.model import CAVMAESync
+    from cavmae_sync.sync import av_offset
+    from cavmae_sync.video import read_frames
+    from media_factory import frame_number, write_clip
+    source = write_clip(tmp_path / 'source.mp4', seconds=4.0)
+    stuck = tmp_path / 'stuck.mp4'
+    with av.open(str(source)) as src, av.open(str(stuck), 'w') as dst:
+        video = dst.add_stream_from_template(src.streams.video[0])
+        audio = dst.add_stream_from_template(src.streams.audio[0])
+        for packet in src.demux(src.streams.video[0], src.streams.audio[0]):
+            if packet.dts is None: continue
+            if packet.stream.type == 'video': packet.pts = packet.dts = 0
+            packet.stream = video if packet.stream.type == 'video' else audio
+            dst.mux(packet)
+    model = CAVMAESync(tiny(num_frames=4, audio_length=64, image_size=32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        result = av_offset(stuck, model, max_offset=0.4, step=0.1)
+    named = [w for w in caught if 'broken timestamps' in str(w.message)]
+    assert named and str(stuck) in str(named[0].message) and named[0].category.__name__ == 'BrokenTimestampsWarning'
+    assert len(set(result.frame_times.tolist())) == 4                              # four frames, four times
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        frames = read_frames(stuck, 16).frames
+    assert len({frame_number(f.numpy()) for f in frames}) == 16                     # not 16 copies of one frame
