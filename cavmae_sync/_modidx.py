@@ -299,6 +299,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cavmae_sync.config.data_dir': ('config.html#data_dir', 'cavmae_sync/config.py'),
                                     'cavmae_sync.config.file_identity': ('config.html#file_identity', 'cavmae_sync/config.py'),
                                     'cavmae_sync.config.file_lock': ('config.html#file_lock', 'cavmae_sync/config.py'),
+                                    'cavmae_sync.config.owner_lock': ('config.html#owner_lock', 'cavmae_sync/config.py'),
                                     'cavmae_sync.config.partial_path': ('config.html#partial_path', 'cavmae_sync/config.py'),
                                     'cavmae_sync.config.process_alive': ('config.html#process_alive', 'cavmae_sync/config.py'),
                                     'cavmae_sync.config.project_root': ('config.html#project_root', 'cavmae_sync/config.py'),

@@ -13,7 +13,7 @@ from typing import Iterator
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
            'data_dir', 'file_lock', 'cache_lock', 'file_identity', 'shared_required', 'shared_dir', 'process_alive',
-           'partial_path', 'remove_stale_partials', 'atomic_file']
+           'partial_path', 'owner_lock', 'remove_stale_partials', 'atomic_file']
 
 # %% ../nbs/00_config.ipynb #30b0369f
 SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
@@ -144,6 +144,31 @@ def partial_path(path,                # the file or folder being (re)placed
     "A temporary name for writing `path`: unique per writer, and naming the host and process that may remove it later."
     path = Path(path)
     return path.with_name(f'.{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')
+
+@contextlib.contextmanager
+def owner_lock(lock,                 # the lock file: it holds the owner's host and pid while the owner runs
+               busy: str,            # what is busy, for the message (e.g. 'another run is writing to this output_dir')
+               advice: str,          # what to do instead (e.g. 'choose another output_dir')
+              ):
+    """Create `lock` for the duration of the block, naming this host and process: a second owner fails at once with a
+    message naming the first one; a lock left by a killed process of this host is taken over."""
+    lock, me = Path(lock), f'{socket.gethostname()} {os.getpid()}'
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
+            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))   # another host's: alive
+            if alive or attempt:
+                raise FileExistsError(f"{busy} (process {pid or '?'} on {host or '?'}, lock {lock}); {advice} "
+                                      f"(remove {lock} if that process is gone)") from None
+            lock.unlink(missing_ok=True)                     # left by a killed process of this host: take it over
+            continue
+        with os.fdopen(fd, 'w') as f: f.write(me)
+        break
+    try: yield
+    finally:
+        if lock.is_file() and lock.read_text().strip() == me: lock.unlink()
 
 def remove_stale_partials(path,                 # the target file or folder whose leftover temporary copies to remove
                          ) -> list[Path]:       # the files and folders removed

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_search.ipynb #0e5317bd
 from __future__ import annotations
-import argparse, contextlib, errno, json, os, socket, stat, sys, time, warnings
+import argparse, contextlib, errno, json, os, stat, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import MediaError, file_identity, process_alive
+from .config import MediaError, file_identity, owner_lock
 from .audio import clip_spectrogram, frame_windows
 from .data import read_clip_audio
 from .video import VIDEO_EXTENSIONS, check_media_file, eval_transform
@@ -210,24 +210,9 @@ def scan_folder(folder) -> FolderScan:
 @contextlib.contextmanager
 def index_lock(out: Path):
     "Hold `.INDEX.lock` (host, pid) beside the index file: a second indexer of the same index fails at once, naming it."
-    lock, me = out.with_name(f'.{out.name}.lock'), f'{socket.gethostname()} {os.getpid()}'
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(2):
-        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
-            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))  # other host: alive
-            if alive or attempt:
-                raise FileExistsError(f"{out}: another cavmae-sync-index is writing this index (process {pid or '?'} "
-                                      f"on {host or '?'}, lock {lock}); wait for it to finish, or pass another --out "
-                                      f"(remove {lock} if that process is gone)") from None
-            lock.unlink(missing_ok=True)                 # left by a killed indexer of this host: take it over
-            continue
-        with os.fdopen(fd, 'w') as f: f.write(me)
-        break
-    try: yield
-    finally:
-        if lock.is_file() and lock.read_text().strip() == me: lock.unlink()
+    with owner_lock(out.with_name(f'.{out.name}.lock'), f"{out}: another cavmae-sync-index is writing this index",
+                    "wait for it to finish, or pass another --out"):
+        yield
 
 def _empty(T: int = 0, D: int = 0) -> torch.Tensor: return torch.zeros(0, T, D, dtype=torch.float16)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_train.ipynb #4b411912
 from __future__ import annotations
-import contextlib, json, math, os, random, socket, sys, time, warnings
+import contextlib, json, math, os, random, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, IterableDataset, Sampler, get_worker_info
 
-from .config import MediaError, atomic_file, process_alive
+from .config import MediaError, atomic_file, owner_lock
 from .video import VIDEO_EXTENSIONS
 from .data import ClipDataset, DatafileDataset, LABEL_CSV_NAME, collate_clips, read_label_csv
 from .clip_cache import DecodedClips, CentreCropTraining, CacheBudgetExceeded
@@ -283,26 +283,14 @@ def resume_path(config: TrainConfig) -> Path | None:
 
 # %% ../nbs/08b_train.ipynb #bf08841a
 @contextlib.contextmanager
-def output_dir_lock(out: Path, active: bool = True):
-    "Hold `out/.lock` (host and pid) for the run: a second run into the same folder fails at once instead of interleaving its files."
+def output_dir_lock(out: Path,           # the run's output_dir
+                    active: bool = True,  # False on the ranks that do not write (DDP): no lock
+                   ):
+    "Hold `out/.lock` for the run: a second run into the same folder fails at once instead of interleaving its files."
     if not active: yield; return
     out.mkdir(parents=True, exist_ok=True)
-    lock, me = out / '.lock', f"{socket.gethostname()} {os.getpid()}"
-    for attempt in range(2):
-        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
-            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))   # another host's: assume alive
-            if alive or attempt:
-                raise FileExistsError(f"{out}: another run is writing to this output_dir (process {pid or '?'} on {host or '?'}, {lock}); "
-                                      f"wait for it, or choose another output_dir (remove {lock} if that run is gone)") from None
-            lock.unlink(missing_ok=True)                            # left by a run of this host that was killed: take it over
-            continue
-        with os.fdopen(fd, 'w') as f: f.write(me)
-        break
-    try: yield
-    finally:
-        if lock.is_file() and lock.read_text().strip() == me: lock.unlink()
+    with owner_lock(out / '.lock', f"{out}: another run is writing to this output_dir", "wait for it, or choose another output_dir"):
+        yield
 
 def save_training_state(path, model: nn.Module, config: TrainConfig, optimizer, scaler, step: int, rng_states: list, extra: dict | None = None) -> Path:
     "Write weights, model config and everything `--resume` needs to `path`, atomically (`checkpoint.save_checkpoint`)."
