@@ -41,7 +41,6 @@ RECORD = Path(__file__).with_name('localization_search.jsonl')
 
 def object_contrast(maps, prompted):
     "Mean over prompts of (map on the prompted object - map on the image's other objects) / the map's spatial std."
-    import torch
     flat = maps.flatten(1).double()                                                   # (M, S*S)
     own = prompted.masks.flatten(1)                                                   # (M, S*S) bool
     others = prompted.any_object.flatten(1) & ~own

@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_claims.ipynb #a5e52dcd
 from __future__ import annotations
-import dataclasses, math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 import numpy as np
@@ -12,7 +12,7 @@ import pandas as pd
 
 import torch
 import torch.nn.functional as F
-from .metrics import PairedGain, RankTest, above_chance, paired_bootstrap, rank_test
+from .metrics import PairedGain, above_chance, paired_bootstrap, rank_test
 from .retrieval import ARROWS, DIRECTIONS, STRATEGIES, RetrievalEvidence, retrieval_hits
 
 # %% auto #0

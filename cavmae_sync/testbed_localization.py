@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .config import PreprocessConfig
 from .localization import ADE20KSound, LocalizationMaps, localization_scores, overlay
-from .metrics import PairedGain, above_chance, paired_bootstrap
+from .metrics import above_chance, paired_bootstrap
 from .testbed_prompts import PROMPTS_FRAMES_PER_CLIP, write_prompts
 from .video import unnormalize
 
