@@ -26,7 +26,7 @@ def diagnose(path, root, train_clips):
     with torch.no_grad():
         train = DatafileDataset(root / 'train.json', root / 'labels.csv', mode='eval', config=config)
         audio, patches = [], []
-        for i in range(train_clips):                                      # training statistics: all T windows and frames
+        for i in range(train_clips):                          # training statistics: all T windows and frames
             item = train[i]
             audio.append(F.normalize(model.encode_audio(item['audio']).embedding, dim=-1))      # (T, D)
             patches.append(model.encode_video(item['frames']).tokens.flatten(0, 1))            # (T * Nv, D)
@@ -60,7 +60,8 @@ def diagnose(path, root, train_clips):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    shipped = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob('checkpoints/testbed/tiny_sync_*/model.pt'))
+    repository = Path(__file__).resolve().parents[1]
+    shipped = sorted(str(p) for p in repository.glob('checkpoints/testbed/tiny_sync_*/model.pt'))
     parser.add_argument('--checkpoint', nargs='+', default=shipped)
     parser.add_argument('--train-clips', type=int, default=48, help='training clips the means are taken over')
     args = parser.parse_args()
