@@ -452,11 +452,9 @@ def sounding_at(segments,   # (M, 3): who, start_s, end_s
                 times,      # seconds
                ) -> np.ndarray:
     "Who (the segments' first column) sounds at each of `times`; -1 where nothing does."
-    times = np.asarray(times, dtype=np.float64)
-    out = np.full(times.shape, -1, dtype=np.int64)
-    for who, start, end in np.asarray(segments, dtype=np.float64).reshape(-1, 3):
-        out[(times >= start) & (times < end)] = int(who)
-    return out
+    segment = segment_at(segments, times)                                         # (N,) -1: no segment
+    who = np.asarray(segments, dtype=np.float64).reshape(-1, 3)[:, 0].astype(np.int64)
+    return np.where(segment >= 0, who[np.maximum(segment, 0)] if len(who) else -1, -1)
 
 @dataclass
 class RenderedVideo:
