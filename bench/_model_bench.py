@@ -1,4 +1,5 @@
 "Shared helpers of bench/encode.py and bench/pretrain_step.py: device description, FLOP counting, peak FLOP/s."
+
 from __future__ import annotations
 
 import os
@@ -10,12 +11,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s
-GPU_PEAK_BF16 = {'H100 SXM': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12,
-                 'GH200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 70e12, 'RTX 4090': 165e12}
+GPU_PEAK_BF16 = {
+    'H100 SXM': 989e12,
+    'H100 NVL': 835e12,
+    'H100 PCIe': 756e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'GH200': 989e12,
+    'A100': 312e12,
+    'L40S': 362e12,
+    'A10G': 70e12,
+    'RTX 4090': 165e12,
+}
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if requested == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     return torch.device(requested)
 
 
@@ -32,10 +44,12 @@ def describe(device: torch.device) -> dict:
 
 def peak_bf16_flops(device: torch.device):
     "Peak dense bf16 FLOP/s of a known GPU, else None (no meaningful peak for a CPU)."
-    if device.type != 'cuda': return None
+    if device.type != 'cuda':
+        return None
     name = torch.cuda.get_device_name(device)
     for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):
-        if all(part in name for part in key.split()): return GPU_PEAK_BF16[key]
+        if all(part in name for part in key.split()):
+            return GPU_PEAK_BF16[key]
     return None
 
 
@@ -47,12 +61,14 @@ def count_flops(fn) -> int:
 
 
 def sync(device: torch.device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> list:
     "Seconds per call of `fn` after `warmup` calls."
-    for _ in range(warmup): fn()
+    for _ in range(warmup):
+        fn()
     sync(device)
     times = []
     for _ in range(iters):
@@ -64,5 +80,8 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> list:
 
 
 def peak_memory_mb(device: torch.device) -> dict:
-    if device.type == 'cuda': return {'peak_gpu_memory_mb': round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
-    return {'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}   # Linux: KiB
+    if device.type == 'cuda':
+        return {'peak_gpu_memory_mb': round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    return {
+        'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    }  # Linux: KiB

@@ -20,10 +20,15 @@ Signals per variant (held-out prompted frames, `testbed_localization`):
         [--num-train 400] [--num-test 60] [--seed 0] [--max-minutes 60]
 Prints one JSON object per variant (and appends it to bench/localization_search.jsonl when the run finished).
 """
-import argparse, dataclasses, json, platform, time
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
 from pathlib import Path
 
-VARIANTS = {   # name: (ModelConfig fields it changes, whether it is the paper's method)
+VARIANTS = {  # name: (ModelConfig fields it changes, whether it is the paper's method)
     'default': ({}, True),
     'bidirectional': ({'bidirectional_contrast': True}, True),
     'temperature 0.1': ({'temperature': 0.1}, True),
@@ -41,8 +46,8 @@ RECORD = Path(__file__).with_name('localization_search.jsonl')
 
 def object_contrast(maps, prompted):
     "Mean over prompts of (map on the prompted object - map on the image's other objects) / the map's spatial std."
-    flat = maps.flatten(1).double()                                                   # (M, S*S)
-    own = prompted.masks.flatten(1)                                                   # (M, S*S) bool
+    flat = maps.flatten(1).double()  # (M, S*S)
+    own = prompted.masks.flatten(1)  # (M, S*S) bool
     others = prompted.any_object.flatten(1) & ~own
     on_own = (flat * own).sum(1) / own.sum(1).clamp(min=1)
     on_others = (flat * others).sum(1) / others.sum(1).clamp(min=1)
@@ -59,7 +64,13 @@ def evaluate(name, checkpoint, root, seed):
     from cavmae_sync.localization import localization_maps
     from cavmae_sync.reproduce import pretraining_summary
     from cavmae_sync.retrieval import run_retrieval
-    from cavmae_sync.testbed_localization import (localization_evidence, peak_counts, pointing_hits, prompted_set)
+    from cavmae_sync.testbed_localization import (
+        localization_evidence,
+        peak_counts,
+        pointing_hits,
+        prompted_set,
+    )
+
     model = load_model_file(checkpoint)
     config = model_preprocess_config(model)
     prompted = prompted_set(root, config)
@@ -70,51 +81,96 @@ def evaluate(name, checkpoint, root, seed):
     run = run_retrieval({name: (model, clips, False)}, f'search_{root.name}', 16, 0)
     summary = pretraining_summary(checkpoint)
     check = trained_check(run.evidence(name), summary)
-    return {'pointing': round(peaks.pointing, 2), 'prompted_share': round(peaks.prompted_share, 2),
-            'swap_passed': evidence.swap.passed, 'controls_passed': evidence.controls_passed,
-            'common_share': round(evidence.common_share, 1),
-            'object_contrast': round(object_contrast(maps.maps, prompted), 3),
-            'inverted_pointing': round(float(pointing_hits(-maps.maps, prompted.masks).mean() * 100), 2),
-            'r1': {d: round(float(np.mean(h)) * 100, 2) for d, h in run.evidence(name).hits.items()},
-            'has_trained': check.passed, 'trained_line': check.line,
-            'contrastive_loss': [round(summary.contrastive_start, 3), round(summary.contrastive_end, 3)],
-            'mae_loss': [round(summary.mae_loss_audio, 3), round(summary.mae_loss_video, 3)],
-            'minutes': round(summary.minutes, 1), 'prompts': len(prompted)}
+    return {
+        'pointing': round(peaks.pointing, 2),
+        'prompted_share': round(peaks.prompted_share, 2),
+        'swap_passed': evidence.swap.passed,
+        'controls_passed': evidence.controls_passed,
+        'common_share': round(evidence.common_share, 1),
+        'object_contrast': round(object_contrast(maps.maps, prompted), 3),
+        'inverted_pointing': round(
+            float(pointing_hits(-maps.maps, prompted.masks).mean() * 100), 2
+        ),
+        'r1': {d: round(float(np.mean(h)) * 100, 2) for d, h in run.evidence(name).hits.items()},
+        'has_trained': check.passed,
+        'trained_line': check.line,
+        'contrastive_loss': [
+            round(summary.contrastive_start, 3),
+            round(summary.contrastive_end, 3),
+        ],
+        'mae_loss': [round(summary.mae_loss_audio, 3), round(summary.mae_loss_video, 3)],
+        'minutes': round(summary.minutes, 1),
+        'prompts': len(prompted),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--variants', nargs='+', default=['default'], choices=list(VARIANTS))
-    parser.add_argument('--steps', type=int, default=500, help='optimizer steps of every variant (the budget)')
-    parser.add_argument('--coupling', type=float, default=0.5, help="testbed decoy_coupling (1: version 2's decoys)")
+    parser.add_argument(
+        '--steps', type=int, default=500, help='optimizer steps of every variant (the budget)'
+    )
+    parser.add_argument(
+        '--coupling', type=float, default=0.5, help="testbed decoy_coupling (1: version 2's decoys)"
+    )
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-test', type=int, default=60)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--max-minutes', type=float, default=None, help='guard per variant; a later call resumes')
-    parser.add_argument('--record', type=Path, default=RECORD, help='JSON lines file finished variants are appended to')
+    parser.add_argument(
+        '--max-minutes', type=float, default=None, help='guard per variant; a later call resumes'
+    )
+    parser.add_argument(
+        '--record',
+        type=Path,
+        default=RECORD,
+        help='JSON lines file finished variants are appended to',
+    )
     args = parser.parse_args()
     import warnings
     from cavmae_sync.config import data_dir
     from cavmae_sync.synthetic import default_synthetic
     from cavmae_sync.testbed import pretrained_tiny, tiny_pretrain_config
-    root = default_synthetic(data_dir() / f'synthetic_search_{args.num_train}x{args.num_test}_coupling{args.coupling:g}',
-                             args.num_train, args.num_test, args.seed, decoy_coupling=args.coupling)
+
+    root = default_synthetic(
+        data_dir() / f'synthetic_search_{args.num_train}x{args.num_test}_coupling{args.coupling:g}',
+        args.num_train,
+        args.num_test,
+        args.seed,
+        decoy_coupling=args.coupling,
+    )
     for name in args.variants:
         fields, paper = VARIANTS[name]
         model = dataclasses.replace(tiny_pretrain_config('sync', root).model, **fields)
         started = time.time()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            checkpoint = pretrained_tiny('sync', root, steps=args.steps, seed=args.seed, evaluations=1,
-                                         max_minutes=args.max_minutes, progress=False, model=model)
+            checkpoint = pretrained_tiny(
+                'sync',
+                root,
+                steps=args.steps,
+                seed=args.seed,
+                evaluations=1,
+                max_minutes=args.max_minutes,
+                progress=False,
+                model=model,
+            )
         unfinished = [str(w.message) for w in caught if 'stopped by max_minutes' in str(w.message)]
-        result = {'variant': name, 'changes': fields, 'paper_method': paper, 'steps': args.steps, 'seed': args.seed,
-                  'decoy_coupling': args.coupling, 'testbed': f'{args.num_train}x{args.num_test}',
-                  'finished': not unfinished, 'machine': f'{platform.machine()}, {__import__("os").cpu_count()} cores',
-                  'wall_minutes': round((time.time() - started) / 60, 1)}
+        result = {
+            'variant': name,
+            'changes': fields,
+            'paper_method': paper,
+            'steps': args.steps,
+            'seed': args.seed,
+            'decoy_coupling': args.coupling,
+            'testbed': f'{args.num_train}x{args.num_test}',
+            'finished': not unfinished,
+            'machine': f'{platform.machine()}, {__import__("os").cpu_count()} cores',
+            'wall_minutes': round((time.time() - started) / 60, 1),
+        }
         if not unfinished:
             result.update(evaluate(name, checkpoint, root, args.seed))
-            with open(args.record, 'a') as record: record.write(json.dumps(result) + '\n')
+            with open(args.record, 'a') as record:
+                record.write(json.dumps(result) + '\n')
         print(json.dumps(result))
 
 

@@ -13,31 +13,50 @@ is slower.
     python bench/localize.py [--threads 2] [--repeats 2] [--vitb]
 Prints one JSON object.
 """
-import argparse, json, os, platform, tempfile, time, warnings
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 
 def render(clip, model, out, repeats):
     "The best of `repeats` renderings of `clip`: its wall-clock split and what was written."
     from cavmae_sync.localization_video import localization_video
+
     runs = []
     for _ in range(repeats):
         began = time.perf_counter()
         result = localization_video(clip, model, out, progress=False)
         runs.append((time.perf_counter() - began, result))
     wall, result = min(runs, key=lambda run: run[0])
-    return {'clip': Path(clip).name, 'frames': result.frames, 'fps': round(float(result.fps), 3),
-            'seconds': round(result.seconds, 3), 'output_size': list(result.size), 'sound': result.sound,
-            'wall_s': round(wall, 2), 'seconds_maps': round(result.seconds_maps, 2),
-            'seconds_render': round(result.seconds_render, 2), 'ms_per_frame': round(1000 * wall / result.frames, 1),
-            'realtime': round(result.seconds / wall, 3), 'wall_runs_s': [round(w, 2) for w, _ in runs]}
+    return {
+        'clip': Path(clip).name,
+        'frames': result.frames,
+        'fps': round(float(result.fps), 3),
+        'seconds': round(result.seconds, 3),
+        'output_size': list(result.size),
+        'sound': result.sound,
+        'wall_s': round(wall, 2),
+        'seconds_maps': round(result.seconds_maps, 2),
+        'seconds_render': round(result.seconds_render, 2),
+        'ms_per_frame': round(1000 * wall / result.frames, 1),
+        'realtime': round(result.seconds / wall, 3),
+        'wall_runs_s': [round(w, 2) for w, _ in runs],
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=2)
-    parser.add_argument('--vitb', action='store_true', help='also the released architecture (ViT-B), untrained')
+    parser.add_argument(
+        '--vitb', action='store_true', help='also the released architecture (ViT-B), untrained'
+    )
     args = parser.parse_args()
     warnings.simplefilter('ignore')
     import torch
@@ -45,22 +64,29 @@ def main():
     from cavmae_sync.config import shared_dir
     from cavmae_sync.localization_video import TESTBED_MODEL
     from cavmae_sync.model import CAVMAESync, cavmae_sync
-    from cavmae_sync.synthetic import SyntheticConfig, generate_clip
+    from cavmae_sync.synthetic import generate_clip
+    from cavmae_sync.synthetic_scenes import SyntheticConfig
     from cavmae_sync.testbed import SHIPPED_DIR
+
     torch.set_num_threads(args.threads)
     models = {'tiny_testbed': load_model_file(SHIPPED_DIR / TESTBED_MODEL / 'model.pt')}
     if args.vitb:
         torch.manual_seed(0)
         models['vitb_released_architecture'] = CAVMAESync(cavmae_sync()).eval()
     load_before = os.getloadavg()
-    out = {'machine': f'{platform.machine()}, {os.cpu_count()} CPUs', 'threads': args.threads,
-           'load_average_1_5_15_min': [round(x, 2) for x in load_before]}
+    out = {
+        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs',
+        'threads': args.threads,
+        'load_average_1_5_15_min': [round(x, 2) for x in load_before],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for sub in ('videos', 'ground_truth'): (Path(tmp) / sub).mkdir()
+        for sub in ('videos', 'ground_truth'):
+            (Path(tmp) / sub).mkdir()
         generate_clip(tmp, SyntheticConfig(), 'test', 0)
         clips = [Path(tmp) / 'videos' / 'test_00000.mp4']
         shared = shared_dir(required=False)
-        if shared is not None: clips += sorted((shared / 'media').glob('*.mp4'))
+        if shared is not None:
+            clips += sorted((shared / 'media').glob('*.mp4'))
         for name, model in models.items():
             out[name] = [render(clip, model, Path(tmp) / 'out.mp4', args.repeats) for clip in clips]
     out['load_average_after'] = [round(x, 2) for x in os.getloadavg()]

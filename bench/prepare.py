@@ -5,8 +5,12 @@ then times `probe_video` (the readability rule `load_clip` applies too) on one c
 Prints one JSON object: seconds per clip, clips/s per core (target >= 20) and hours to probe AudioSet-2M on 64 cores.
 Usage: python bench/prepare.py [NUM_CLIPS]
 """
-import json, statistics, sys, tempfile, time
-from pathlib import Path
+
+import json
+import statistics
+import sys
+import tempfile
+import time
 
 import torch
 
@@ -19,16 +23,30 @@ def main():
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     with tempfile.TemporaryDirectory() as folder:
         clips = write_upload_like_clips(folder, count)
-        for clip in clips: probe_video(clip)                                                       # warm-up
+        for clip in clips:
+            probe_video(clip)  # warm-up
         rounds = []
         for _ in range(5):
             start = time.perf_counter()
-            for clip in clips: probe_video(clip)
+            for clip in clips:
+                probe_video(clip)
             rounds.append((time.perf_counter() - start) / len(clips))
     per_clip = statistics.median(rounds)
-    print(json.dumps({'benchmark': 'prepare_probe', 'threads': 1, 'clips': count, 'clip': '10 s, 640x360, 25 fps H.264 + AAC',
-                      'seconds_per_clip': round(per_clip, 5), 'clips_per_s_per_core': round(1 / per_clip, 1), 'target_clips_per_s_per_core': 20,
-                      'audioset_2m_hours_on_64_cores': round(2_000_000 * per_clip / 64 / 3600, 2)}, indent=1))
+    print(
+        json.dumps(
+            {
+                'benchmark': 'prepare_probe',
+                'threads': 1,
+                'clips': count,
+                'clip': '10 s, 640x360, 25 fps H.264 + AAC',
+                'seconds_per_clip': round(per_clip, 5),
+                'clips_per_s_per_core': round(1 / per_clip, 1),
+                'target_clips_per_s_per_core': 20,
+                'audioset_2m_hours_on_64_cores': round(2_000_000 * per_clip / 64 / 3600, 2),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == '__main__':

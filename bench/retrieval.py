@@ -8,7 +8,16 @@ kernel's peak counter is reset first, so the allocations made to create the inpu
 
     python bench/retrieval.py [--clips 1545] [--frames 16] [--dim 768] [--threads 2] [--repeats 3]
 """
-import argparse, json, multiprocessing as mp, os, platform, re, resource, statistics, time
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import statistics
+import time
 
 TARGET_SECONDS = {'diagonal_mean': 3.0, 'diagonal_max': 3.0, 'mean': 60.0, 'max': 60.0}
 TARGET_EXTRA_MB = 2048
@@ -22,7 +31,8 @@ def _status_kb(field):
 def _reset_peak():
     "Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."
     try:
-        with open('/proc/self/clear_refs', 'w') as f: f.write('5')
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
         return True
     except OSError:
         return False
@@ -33,26 +43,40 @@ def _run(strategy, clips, frames, dim, threads, repeats, queue):
     import torch.nn.functional as F
     from cavmae_sync.retrieval import similarity
     from cavmae_sync.metrics import recall_metrics
+
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
-    audio = F.normalize(torch.randn(clips, frames, dim, generator=gen), dim=-1)     # (N, T, D) float32
+    audio = F.normalize(torch.randn(clips, frames, dim, generator=gen), dim=-1)  # (N, T, D) float32
     video = F.normalize(torch.randn(clips, frames, dim, generator=gen), dim=-1)
-    similarity(audio[:8], video[:8], strategy)                                      # warm-up (thread pool, kernels)
+    similarity(audio[:8], video[:8], strategy)  # warm-up (thread pool, kernels)
     seconds, extra_mb, metrics = [], [], None
     for _ in range(repeats):
         exact = _reset_peak()
-        before_kb = _status_kb('VmRSS') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before_kb = (
+            _status_kb('VmRSS') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
         start = time.perf_counter()
-        scores = similarity(audio, video, strategy)                                  # (N, N)
-        metrics = {'audio_to_video': recall_metrics(scores), 'video_to_audio': recall_metrics(scores.T)}
+        scores = similarity(audio, video, strategy)  # (N, N)
+        metrics = {
+            'audio_to_video': recall_metrics(scores),
+            'video_to_audio': recall_metrics(scores.T),
+        }
         seconds.append(time.perf_counter() - start)
-        peak_kb = _status_kb('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_kb = (
+            _status_kb('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
         extra_mb.append(max(0, peak_kb - before_kb) / 1024)
         del scores
-    queue.put({'seconds': round(statistics.median(seconds), 3), 'seconds_all': [round(s, 3) for s in seconds],
-               'extra_memory_mb': round(max(extra_mb), 1), 'peak_counter': 'VmHWM (reset)' if exact else 'ru_maxrss',
-               'R@1_audio_to_video': round(metrics['audio_to_video']['R@1'], 3),
-               'ties_audio_to_video': metrics['audio_to_video']['ties']})
+    queue.put(
+        {
+            'seconds': round(statistics.median(seconds), 3),
+            'seconds_all': [round(s, 3) for s in seconds],
+            'extra_memory_mb': round(max(extra_mb), 1),
+            'peak_counter': 'VmHWM (reset)' if exact else 'ru_maxrss',
+            'R@1_audio_to_video': round(metrics['audio_to_video']['R@1'], 3),
+            'ties_audio_to_video': metrics['audio_to_video']['ties'],
+        }
+    )
 
 
 def main():
@@ -68,18 +92,43 @@ def main():
     results = {}
     for strategy in args.strategies:
         queue = context.Queue()
-        process = context.Process(target=_run, args=(strategy, args.clips, args.frames, args.dim, args.threads,
-                                                     1 if strategy == 'max' else args.repeats, queue))
+        process = context.Process(
+            target=_run,
+            args=(
+                strategy,
+                args.clips,
+                args.frames,
+                args.dim,
+                args.threads,
+                1 if strategy == 'max' else args.repeats,
+                queue,
+            ),
+        )
         process.start()
         result = queue.get()
         process.join()
         result['target_seconds'] = TARGET_SECONDS[strategy]
-        result['ok'] = result['seconds'] < TARGET_SECONDS[strategy] and result['extra_memory_mb'] < TARGET_EXTRA_MB
+        result['ok'] = (
+            result['seconds'] < TARGET_SECONDS[strategy]
+            and result['extra_memory_mb'] < TARGET_EXTRA_MB
+        )
         results[strategy] = result
-    print(json.dumps({'benchmark': 'retrieval_similarity', 'clips': args.clips, 'frames': args.frames, 'dim': args.dim,
-                      'torch_threads': args.threads, 'cpu_count': os.cpu_count(), 'machine': platform.machine(),
-                      'target_extra_memory_mb': TARGET_EXTRA_MB, 'strategies': results,
-                      'all_ok': all(r['ok'] for r in results.values())}))
+    print(
+        json.dumps(
+            {
+                'benchmark': 'retrieval_similarity',
+                'clips': args.clips,
+                'frames': args.frames,
+                'dim': args.dim,
+                'torch_threads': args.threads,
+                'cpu_count': os.cpu_count(),
+                'machine': platform.machine(),
+                'target_extra_memory_mb': TARGET_EXTRA_MB,
+                'strategies': results,
+                'all_ok': all(r['ok'] for r in results.values()),
+            }
+        )
+    )
 
 
 if __name__ == '__main__':

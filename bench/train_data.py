@@ -14,7 +14,13 @@ Prints one JSON object: samples/s per loader core for each, the cores needed to 
 the paper's model at 40% MFU on one H100), and the issue's 1,000 samples/s per core target.
 Usage: python bench/train_data.py [NUM_CLIPS]
 """
-import itertools, json, sys, tempfile, time, warnings
+
+import itertools
+import json
+import sys
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,35 +31,47 @@ from cavmae_sync.data import DatafileDataset, VideoDataset, prepare_dataset
 from cavmae_sync.shards import ShardDataset, write_shards
 from cavmae_sync.batch_decode import BatchDecoder, collate_raw
 
-GPU_DEMAND = 3000          # samples/s: the paper's model at 40% MFU on one H100 (estimate from its FLOPs)
+GPU_DEMAND = 3000  # samples/s: the paper's model at 40% MFU on one H100 (estimate from its FLOPs)
 
 
 def samples_per_second(dataset, count: int) -> float:
     "Items per second over `count` training items (after one warm-up item)."
-    if isinstance(dataset, torch.utils.data.IterableDataset): items = (item for _ in itertools.count() for item in dataset)   # pass after pass
-    else: items = (dataset[i % len(dataset)] for i in itertools.count())
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = (item for _ in itertools.count() for item in dataset)  # pass after pass
+    else:
+        items = (dataset[i % len(dataset)] for i in itertools.count())
     next(items)
     start = time.perf_counter()
-    for _ in range(count): next(items)
+    for _ in range(count):
+        next(items)
     return count / (time.perf_counter() - start)
 
 
 def batch_decode_rates(shards, config, count: int, batch: int = 32) -> dict:
-    "Samples/s of the raw reader alone, of reader + `BatchDecoder` on this CPU core, and of the decoder on CUDA if present."
+    """Samples/s of the raw reader alone, of reader + `BatchDecoder` on this CPU core, and of the
+    decoder on CUDA if present."""
     raw = ShardDataset(shards, 'train', config, shuffle_buffer=1, raw=True)
-    samples = (s for _ in itertools.count() for s in raw)                   # pass after pass
+    samples = (s for _ in itertools.count() for s in raw)  # pass after pass
     reader = samples_per_second(raw, max(count, batch * 4))
     cpu = BatchDecoder(config, 'cpu')
-    cpu(collate_raw([next(samples) for _ in range(batch)]))                # warm-up
+    cpu(collate_raw([next(samples) for _ in range(batch)]))  # warm-up
     start, batches = time.perf_counter(), 4
-    for _ in range(batches): cpu(collate_raw([next(samples) for _ in range(batch)]))
-    rates = {'shards_batch_decode_loader_core': reader,
-             'shards_batch_decode_cpu_fallback': batches * batch / (time.perf_counter() - start)}
+    for _ in range(batches):
+        cpu(collate_raw([next(samples) for _ in range(batch)]))
+    rates = {
+        'shards_batch_decode_loader_core': reader,
+        'shards_batch_decode_cpu_fallback': batches * batch / (time.perf_counter() - start),
+    }
     if torch.cuda.is_available():
-        gpu, packed = BatchDecoder(config, 'cuda'), collate_raw([next(samples) for _ in range(batch)]).pin_memory()
-        gpu(packed); torch.cuda.synchronize()
+        gpu, packed = (
+            BatchDecoder(config, 'cuda'),
+            collate_raw([next(samples) for _ in range(batch)]).pin_memory(),
+        )
+        gpu(packed)
+        torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(20): gpu(packed)
+        for _ in range(20):
+            gpu(packed)
         torch.cuda.synchronize()
         rates['shards_batch_decode_gpu_decoder'] = 20 * batch / (time.perf_counter() - start)
     return rates
@@ -67,7 +85,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         write_upload_like_clips(folder / 'videos', count)
-        prepared = prepare_dataset(folder / 'videos', out=folder / 'layout', extract=True, workers=1, progress=False)
+        prepared = prepare_dataset(
+            folder / 'videos', out=folder / 'layout', extract=True, workers=1, progress=False
+        )
         write_shards(folder / 'videos', folder / 'shards', config=released, progress=False)
         formats = {
             'mp4_on_screen': VideoDataset(folder / 'videos', mode='train', config=ours),
@@ -77,15 +97,31 @@ def main():
         }
         rates = {name: samples_per_second(dataset, 2 * count) for name, dataset in formats.items()}
         rates.update(batch_decode_rates(folder / 'shards', released, 2 * count))
-    print(json.dumps({'benchmark': 'train_data', 'threads': 1, 'clips': count, 'clip': '10 s, 640x360, 25 fps H.264 + AAC',
-                      'samples_per_s_per_loader_core': {k: round(v, 1) for k, v in rates.items()},
-                      'loader_cores_for_3000_samples_per_s': {k: round(GPU_DEMAND / v) for k, v in rates.items() if 'gpu' not in k},
-                      'target_samples_per_s_per_loader_core': 1000,
-                      'notes': {'shards_batch_decode_loader_core': 'the loader core reads tar files and draws frames/crops only; '
-                                'the JPEG and fbank work runs on the training device',
-                                'shards_batch_decode_cpu_fallback': 'reading + BatchDecoder (batches of 32) on the same single CPU core',
-                                'shards_batch_decode_gpu_decoder': 'BatchDecoder on CUDA, batches of 32' if torch.cuda.is_available()
-                                else 'not measured: no device'}}, indent=1))
+    print(
+        json.dumps(
+            {
+                'benchmark': 'train_data',
+                'threads': 1,
+                'clips': count,
+                'clip': '10 s, 640x360, 25 fps H.264 + AAC',
+                'samples_per_s_per_loader_core': {k: round(v, 1) for k, v in rates.items()},
+                'loader_cores_for_3000_samples_per_s': {
+                    k: round(GPU_DEMAND / v) for k, v in rates.items() if 'gpu' not in k
+                },
+                'target_samples_per_s_per_loader_core': 1000,
+                'notes': {
+                    'shards_batch_decode_loader_core': 'the loader core reads tar files and draws frames/crops only; '
+                    'the JPEG and fbank work runs on the training device',
+                    'shards_batch_decode_cpu_fallback': 'reading + BatchDecoder (batches of 32) on '
+                    'the same single CPU core',
+                    'shards_batch_decode_gpu_decoder': 'BatchDecoder on CUDA, batches of 32'
+                    if torch.cuda.is_available()
+                    else 'not measured: no device',
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == '__main__':

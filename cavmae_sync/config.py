@@ -4,204 +4,139 @@
 
 # %% ../nbs/00_config.ipynb #978f3f66
 from __future__ import annotations
-import contextlib, glob, os, shutil, socket, uuid
+import os
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Iterator
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'NUM_MEL_BINS', 'TARGET_LENGTH', 'AUDIO_MEAN', 'AUDIO_STD', 'NUM_FRAMES', 'WINDOW', 'IMAGE_SIZE',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'FRAME_PRESET_NAMES', 'MediaError', 'PreprocessConfig', 'project_root',
-           'data_dir', 'file_lock', 'cache_lock', 'file_identity', 'shared_required', 'shared_dir', 'process_alive',
-           'partial_path', 'owner_lock', 'remove_stale_partials', 'atomic_file']
+           'data_dir', 'shared_required', 'shared_dir']
 
 # %% ../nbs/00_config.ipynb #30b0369f
-SAMPLE_RATE = 16_000          # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
-NUM_MEL_BINS = 128            # mel bins of the Kaldi fbank
-TARGET_LENGTH = 1024          # fbank frames per clip (10 ms shift -> 10.24 s)
-AUDIO_MEAN = -5.081           # AudioSet fbank statistics used by the released checkpoints
+SAMPLE_RATE = 16_000  # Hz; the official pipeline resamples everything with `ffmpeg -ar 16000`
+NUM_MEL_BINS = 128  # mel bins of the Kaldi fbank
+TARGET_LENGTH = 1024  # fbank frames per clip (10 ms shift -> 10.24 s)
+AUDIO_MEAN = -5.081  # AudioSet fbank statistics used by the released checkpoints
 AUDIO_STD = 4.4849
-NUM_FRAMES = 16               # video frames per clip (T)
-WINDOW = 416                  # fbank frames per frame-aligned audio window (L, about 4.16 s)
+NUM_FRAMES = 16  # video frames per clip (T)
+WINDOW = 416  # fbank frames per frame-aligned audio window (L, about 4.16 s)
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FRAME_PRESET_NAMES = ('on_screen', 'released', 'cavmae')   # described in `cavmae_sync.video.FRAME_PRESETS`
+FRAME_PRESET_NAMES = (
+    'on_screen',
+    'released',
+    'cavmae',
+)  # described in `cavmae_sync.video.FRAME_PRESETS`
 
 # %% ../nbs/00_config.ipynb #f263c0f1
 class MediaError(ValueError):
     "An unreadable, empty, truncated or track-less media file; the message names the file and the reason."
-    def __init__(self, path,            # the offending file
-                 reason: str | None = None): # why it cannot be used; None: `path` is a whole message
+
+    def __init__(
+        self,
+        path,  # the offending file
+        reason: str | None = None,  # why it cannot be used; None: `path` is a whole message
+    ):
         # A DataLoader worker re-raises an exception in the main process as `type(exc)(message)`: accept that
         # single-message form so the error stays a MediaError instead of becoming a RuntimeError.
         self.path, self.reason = (str(path), reason) if reason is not None else (None, str(path))
         super().__init__(f"{path}: {reason}" if reason is not None else str(path))
 
-    def __reduce__(self): return (type(self), (self.path, self.reason) if self.path is not None else (self.reason,))
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason) if self.path is not None else (self.reason,))
 
 # %% ../nbs/00_config.ipynb #1d1ec213
 @dataclass
 class PreprocessConfig:
     "How a video becomes model inputs; the defaults are the released CAV-MAE Sync model's."
-    num_frames: int = NUM_FRAMES          # T: frames sampled uniformly over the clip
-    window: int = WINDOW                  # L: fbank frames in the audio window of each frame
-    image_size: int = IMAGE_SIZE          # side of the square centre crop
-    sample_rate: int = SAMPLE_RATE        # audio is resampled to this rate before the fbank
-    num_mel_bins: int = NUM_MEL_BINS      # mel bins of the fbank
-    target_length: int = TARGET_LENGTH    # fbank frames per clip after padding / cutting
-    audio_mean: float = AUDIO_MEAN        # normalization: (fbank - audio_mean) / audio_std
+
+    num_frames: int = NUM_FRAMES  # T: frames sampled uniformly over the clip
+    window: int = WINDOW  # L: fbank frames in the audio window of each frame
+    image_size: int = IMAGE_SIZE  # side of the square centre crop
+    sample_rate: int = SAMPLE_RATE  # audio is resampled to this rate before the fbank
+    num_mel_bins: int = NUM_MEL_BINS  # mel bins of the fbank
+    target_length: int = TARGET_LENGTH  # fbank frames per clip after padding / cutting
+    audio_mean: float = AUDIO_MEAN  # normalization: (fbank - audio_mean) / audio_std
     audio_std: float = AUDIO_STD
-    frame_preset: str = 'on_screen'       # how frames are chosen, coloured, resized and stored: `video.FRAME_PRESETS`
+    frame_preset: str = (
+        'on_screen'  # how frames are chosen, coloured, resized and stored: `video.FRAME_PRESETS`
+    )
 
     def __post_init__(self):
-        for name in ('num_frames', 'window', 'image_size', 'sample_rate', 'num_mel_bins', 'target_length'):
+        for name in (
+            'num_frames',
+            'window',
+            'image_size',
+            'sample_rate',
+            'num_mel_bins',
+            'target_length',
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0: raise ValueError(f"PreprocessConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"PreprocessConfig.{name} must be a positive integer, got {value!r}"
+                )
         if self.window > self.target_length:
-            raise ValueError(f"PreprocessConfig.window={self.window} is longer than the clip spectrogram (target_length={self.target_length})")
-        if not self.audio_std > 0: raise ValueError(f"PreprocessConfig.audio_std must be positive, got {self.audio_std!r}")
+            raise ValueError(
+                f"PreprocessConfig.window={self.window} is longer than the clip spectrogram "
+                f"(target_length={self.target_length})"
+            )
+        if not self.audio_std > 0:
+            raise ValueError(f"PreprocessConfig.audio_std must be positive, got {self.audio_std!r}")
         if self.frame_preset not in FRAME_PRESET_NAMES:
-            raise ValueError(f"PreprocessConfig.frame_preset={self.frame_preset!r}: choose one of {list(FRAME_PRESET_NAMES)}")
+            raise ValueError(
+                f"PreprocessConfig.frame_preset={self.frame_preset!r}: choose one of {list(FRAME_PRESET_NAMES)}"
+            )
 
-    def to_dict(self): return asdict(self)
+    def to_dict(self):
+        return asdict(self)
 
 # %% ../nbs/00_config.ipynb #be800831
 def project_root() -> Path:
-    "The repository root when running from a checkout (the folder holding `pyproject.toml`), else the working directory."
+    """The repository root when running from a checkout (the folder holding `pyproject.toml`), else
+    the working directory."""
     here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
     for candidate in (here, *here.parents):
-        if (candidate / 'pyproject.toml').exists() and (candidate / 'nbs').is_dir(): return candidate
+        if (candidate / 'pyproject.toml').exists() and (candidate / 'nbs').is_dir():
+            return candidate
     return Path.cwd()
+
 
 def data_dir() -> Path:
     "Folder for generated data sets, caches and trained models: `$CAVMAE_SYNC_DATA` or `<repo>/data`."
     given = os.environ.get('CAVMAE_SYNC_DATA')
-    if not given: return project_root() / 'data'
+    if not given:
+        return project_root() / 'data'
     folder = Path(given).expanduser()
-    if not folder.is_dir() and not folder.parent.is_dir():      # a typo would otherwise create a tree of folders
-        raise FileNotFoundError(f"CAVMAE_SYNC_DATA={given}: neither this folder nor its parent {folder.parent} exists; "
-                                f"create it (mkdir -p {folder}) or point CAVMAE_SYNC_DATA at an existing folder")
+    # a typo would otherwise create a tree of folders
+    if not folder.is_dir() and not folder.parent.is_dir():
+        raise FileNotFoundError(
+            f"CAVMAE_SYNC_DATA={given}: neither this folder nor its parent {folder.parent} exists; "
+            f"create it (mkdir -p {folder}) or point CAVMAE_SYNC_DATA at an existing folder"
+        )
     return folder
 
-@contextlib.contextmanager
-def file_lock(path,                    # the lock file (created if missing, never removed)
-             ):
-    "Hold an exclusive lock on the file `path` (flock; none where the platform has no fcntl)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try: import fcntl
-    except ImportError: fcntl = None
-    with open(path, 'a') as handle:
-        if fcntl is not None: fcntl.flock(handle, fcntl.LOCK_EX)
-        yield                                                                   # closing the file releases the lock
-
-@contextlib.contextmanager
-def cache_lock(name: str,              # which cache, e.g. 'model-<run name>'
-              ):
-    "Hold an exclusive lock on `data_dir()/.<name>.lock` while filling a shared cache (see `file_lock`)."
-    with file_lock(data_dir() / f'.{name}.lock'):
-        yield
-
-def file_identity(path,                   # a media or data file
-                  with_path: bool = True,  # include the resolved path (False: size and time only, for indexes that may move)
-                 ) -> str:
-    "Size and modification time (ns) of a file, with its path: a file replaced under the same name gets another identity; caches key on it."
-    try: info = os.stat(path)
-    except OSError: return f'{path}|missing' if with_path else 'missing'
-    stamp = f'{info.st_size}|{info.st_mtime_ns}'
-    return f'{Path(path).resolve()}|{stamp}' if with_path else stamp
 
 def shared_required() -> bool:
     "Whether the reference data must be present: under CI (`$CI`) or when `$CAVMAE_SYNC_REQUIRE_SHARED` is set."
     flag = lambda name: os.environ.get(name, '').strip().lower() not in ('', '0', 'false', 'no')
     return flag('CI') or flag('CAVMAE_SYNC_REQUIRE_SHARED')
 
-def shared_dir(required: bool | None = None,  # None: required under CI (see `shared_required`)
-              ) -> Path | None:                # the folder, or None when it is absent and not required
+# %% ../nbs/00_config.ipynb #75fb6732
+def shared_dir(
+    required: bool | None = None,  # None: required under CI (see `shared_required`)
+) -> Path | None:  # the folder, or None when it is absent and not required
     "The reference data and real media (`reference/`, `media/`): `$CAVMAE_SYNC_SHARED` or `<repo>/../shared`."
     folder = Path(os.environ.get('CAVMAE_SYNC_SHARED') or project_root().parent / 'shared')
     complete = (folder / 'reference').is_dir() and (folder / 'media').is_dir()
-    if complete: return folder
+    if complete:
+        return folder
     if shared_required() if required is None else required:
-        raise FileNotFoundError(f"{folder}: the reference data and media (reference/, media/) are missing, and this run requires them "
-                                "(CI, or CAVMAE_SYNC_REQUIRE_SHARED): checks against the released code would be skipped. "
-                                "Set CAVMAE_SYNC_SHARED to the folder that holds them.")
+        raise FileNotFoundError(
+            f"{folder}: the reference data and media (reference/, media/) are missing, and this run requires them "
+            "(CI, or CAVMAE_SYNC_REQUIRE_SHARED): checks against the released code would be skipped. "
+            "Set CAVMAE_SYNC_SHARED to the folder that holds them."
+        )
     return None
-
-# %% ../nbs/00_config.ipynb #9fa68819
-_HOST = socket.gethostname().replace('-', '_').replace('.', '_') or 'host'
-
-def process_alive(pid: int) -> bool:
-    "Whether a process of this host with this pid exists (a signal-0 probe)."
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True          # alive, owned by another user
-    return True
-
-def partial_path(path,                # the file or folder being (re)placed
-                ) -> Path:            # its temporary name beside it: `.<name>.<host>-<pid>-<random>.partial`
-    "A temporary name for writing `path`: unique per writer, and naming the host and process that may remove it later."
-    path = Path(path)
-    return path.with_name(f'.{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial')
-
-@contextlib.contextmanager
-def owner_lock(lock,                 # the lock file: it holds the owner's host and pid while the owner runs
-               busy: str,            # what is busy, for the message (e.g. 'another run is writing to this output_dir')
-               advice: str,          # what to do instead (e.g. 'choose another output_dir')
-              ):
-    """Create `lock` for the duration of the block, naming this host and process: a second owner fails at once with a
-    message naming the first one; a lock left by a killed process of this host is taken over."""
-    lock, me = Path(lock), f'{socket.gethostname()} {os.getpid()}'
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(2):
-        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            host, _, pid = lock.read_text().strip().partition(' ') if lock.is_file() else ('', '', '')
-            alive = host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))   # another host's: alive
-            if alive or attempt:
-                raise FileExistsError(f"{busy} (process {pid or '?'} on {host or '?'}, lock {lock}); {advice} "
-                                      f"(remove {lock} if that process is gone)") from None
-            lock.unlink(missing_ok=True)                     # left by a killed process of this host: take it over
-            continue
-        with os.fdopen(fd, 'w') as f: f.write(me)
-        break
-    try: yield
-    finally:
-        if lock.is_file() and lock.read_text().strip() == me: lock.unlink()
-
-def remove_stale_partials(path,                 # the target file or folder whose leftover temporary copies to remove
-                         ) -> list[Path]:       # the files and folders removed
-    """Remove the temporary copies (`partial_path`) a killed writer (`kill -9`, power loss) left beside `path`: only
-    this host's, whose process is gone (on a shared file system another machine's live writer keeps its own)."""
-    path, removed = Path(path), []
-    for partial in path.parent.glob(f'.{glob.escape(path.name)}.*.partial'):
-        writer = partial.name[len(path.name) + 2:-len('.partial')].rsplit('-', 2)      # [host, pid, random]
-        if len(writer) != 3 or writer[0] != _HOST or not writer[1].isdigit(): continue  # another host's or not ours: leave it
-        if not process_alive(int(writer[1])):
-            if partial.is_dir() and not partial.is_symlink(): shutil.rmtree(partial, ignore_errors=True)
-            else: partial.unlink(missing_ok=True)
-            removed.append(partial)
-    return removed
-
-@contextlib.contextmanager
-def atomic_file(path,                 # the file to (re)place
-                fsync: bool = False,  # flush the data to disk before the rename (checkpoints: survive a power loss too)
-               ) -> Iterator[Path]:   # a temporary path in the same folder to write to
-    "Write to the yielded temporary path; on success it replaces `path` in one rename, on an error it is removed."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
-    # unique per writer (host, process, random): concurrent writers never collide, and a later writer can tell
-    # whether the writer of an old temporary file is still alive
-    partial = partial_path(path)
-    try:
-        yield partial
-        if fsync:
-            with open(partial, 'rb') as f: os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as e:                 # a write through a file object (torch.save, ...) does not say which file
-        if e.filename is not None or e.errno is None: raise
-        raise OSError(e.errno, f'{e.strerror or e} while writing', str(path)) from e   # e.g. [Errno 28]: disk full
-    finally:
-        partial.unlink(missing_ok=True)

@@ -1,16 +1,25 @@
 "Official checkpoints load strictly and reproduce the official outputs; our checkpoints save atomically and resume."
+
 import gc
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from cavmae_sync.checkpoint import (Checkpoint, CheckpointError, capture_rng_state, infer_official_config,
-                                    init_from_imagenet_mae, load_checkpoint, load_official, restore_rng_state,
-                                    save_checkpoint, strip_prefix)
-from cavmae_sync.model import CAVMAESync, CAVMAESyncClassifier, tiny
+from cavmae_sync.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng_state,
+    infer_official_config,
+    init_from_imagenet_mae,
+    load_checkpoint,
+    load_official,
+    restore_rng_state,
+    save_checkpoint,
+    strip_prefix,
+)
+from cavmae_sync.model import CAVMAESync, tiny
+from cavmae_sync.classifier import CAVMAESyncClassifier
 
 
 @pytest.fixture(autouse=True)
@@ -35,18 +44,34 @@ def meta_state_dict(shapes: dict) -> dict:
 
 def load_reference(reference):
     ctor = reference['constructor']
-    return load_official(reference['state_dict'], num_heads=ctor['num_heads'], decoder_num_heads=ctor['decoder_num_heads'])
+    return load_official(
+        reference['state_dict'],
+        num_heads=ctor['num_heads'],
+        decoder_num_heads=ctor['decoder_num_heads'],
+    )
 
 
 def test_official_tiny_encode_reproduces_forward_feat(reference):
     model = load_reference(reference)
     assert not model.training
     c = model.config
-    assert (c.embed_dim, c.num_registers, c.global_tokens, c.audio_length, c.image_size, c.modality_depth) == (64, 4, True, 96, 64, 11)
+    assert (
+        c.embed_dim,
+        c.num_registers,
+        c.global_tokens,
+        c.audio_length,
+        c.image_size,
+        c.modality_depth,
+    ) == (64, 4, True, 96, 64, 11)
     assert (c.decoder_embed_dim, c.decoder_depth) == (32, 2)
     with torch.no_grad():
         enc = model.encode(reference['audio'], reference['video'])
-    for ours, key in ((enc.audio_tokens, 'patch_a'), (enc.video_tokens, 'patch_v'), (enc.audio_global, 'global_a'), (enc.video_global, 'global_v')):
+    for ours, key in (
+        (enc.audio_tokens, 'patch_a'),
+        (enc.video_tokens, 'patch_v'),
+        (enc.audio_global, 'global_a'),
+        (enc.video_global, 'global_v'),
+    ):
         assert ours.shape == reference[key].shape
         assert (ours - reference[key]).abs().max() < 1e-5, key
 
@@ -63,7 +88,9 @@ def test_official_tiny_pretraining_forward_reproduces_decoder_and_contrast(refer
 
 def test_official_tiny_does_not_alias_the_callers_tensors(reference):
     model = load_reference(reference)
-    assert model.norm_a.weight.data_ptr() != reference['state_dict']['module.norm_a.weight'].data_ptr()
+    assert (
+        model.norm_a.weight.data_ptr() != reference['state_dict']['module.norm_a.weight'].data_ptr()
+    )
 
 
 def test_official_tiny_from_a_file(reference, tmp_path):
@@ -75,18 +102,34 @@ def test_official_tiny_from_a_file(reference, tmp_path):
     assert (enc.video_global - reference['global_v']).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize('variant', ['cavmae_sync_pretrain_released', 'cavmae_sync_pretrain_ch', 'cavmae_sync_finetune',
-                                     'cavmae_pretrain', 'cavmae_finetune'])
+@pytest.mark.parametrize(
+    'variant',
+    [
+        'cavmae_sync_pretrain_released',
+        'cavmae_sync_pretrain_ch',
+        'cavmae_sync_finetune',
+        'cavmae_pretrain',
+        'cavmae_finetune',
+    ],
+)
 def test_every_official_variant_loads(manifest, variant):
     entry = manifest[variant]
     ctor = entry['constructor']
     model = load_official(meta_state_dict(entry['state_dict']))
     c = model.config
     assert set(model.state_dict()) == set(entry['state_dict'])
-    assert all(tuple(v.shape) == tuple(entry['state_dict'][k]) for k, v in model.state_dict().items())
-    assert (c.embed_dim, c.modality_depth, c.joint_depth) == (768, ctor['modality_specific_depth'], 1)
+    assert all(
+        tuple(v.shape) == tuple(entry['state_dict'][k]) for k, v in model.state_dict().items()
+    )
+    assert (c.embed_dim, c.modality_depth, c.joint_depth) == (
+        768,
+        ctor['modality_specific_depth'],
+        1,
+    )
     assert c.audio_length == ctor.get('audio_length', 1024)
-    assert c.num_registers == ctor.get('num_register_tokens', 0) and c.global_tokens == ctor.get('cls_token', False)
+    assert c.num_registers == ctor.get('num_register_tokens', 0) and c.global_tokens == ctor.get(
+        'cls_token', False
+    )
     assert c.contrastive_heads == ctor.get('contrastive_heads', False)
     if 'label_dim' in ctor:
         assert isinstance(model, CAVMAESyncClassifier) and model.num_classes == ctor['label_dim']
@@ -104,7 +147,11 @@ def test_released_sync_model_runs_with_real_memory(manifest):
     with torch.no_grad():
         logits = model(torch.randn(1, 2, 416, 128), torch.randn(1, 2, 3, 224, 224))
         enc = model.encode(torch.randn(1, 416, 128), torch.randn(1, 3, 224, 224))
-    assert logits.shape == (1, 309) and enc.audio_tokens.shape == (1, 208, 768) and enc.video_tokens.shape == (1, 196, 768)
+    assert (
+        logits.shape == (1, 309)
+        and enc.audio_tokens.shape == (1, 208, 768)
+        and enc.video_tokens.shape == (1, 196, 768)
+    )
     del model
     gc.collect()
 
@@ -112,7 +159,9 @@ def test_released_sync_model_runs_with_real_memory(manifest):
 def test_strict_errors_name_the_tensor(manifest):
     shapes = dict(manifest['cavmae_sync_pretrain_released']['state_dict'])
     with pytest.raises(CheckpointError, match=r"missing tensors \['blocks_v.10.mlp.fc2.bias'\]"):
-        load_official(meta_state_dict({k: v for k, v in shapes.items() if k != 'blocks_v.10.mlp.fc2.bias'}))
+        load_official(
+            meta_state_dict({k: v for k, v in shapes.items() if k != 'blocks_v.10.mlp.fc2.bias'})
+        )
     with pytest.raises(CheckpointError, match='unexpected tensors.*head.weight'):
         load_official(meta_state_dict({**shapes, 'head.weight': [10, 768]}))
     with pytest.raises(CheckpointError, match=r'decoder_pos_embed_v: checkpoint \(1, 197, 512\)'):
@@ -139,9 +188,15 @@ def test_unreadable_official_files(tmp_path):
 
 def test_infer_config_from_our_own_model():
     model = CAVMAESync(tiny(contrastive_heads=True))
-    layout = infer_official_config(strip_prefix({'module.' + k: v for k, v in model.state_dict().items()}), num_heads=3, decoder_num_heads=4)
+    layout = infer_official_config(
+        strip_prefix({'module.' + k: v for k, v in model.state_dict().items()}),
+        num_heads=3,
+        decoder_num_heads=4,
+    )
     assert layout.kind == 'pretrain'
-    assert layout.config == tiny(contrastive_heads=True, frame_preset='released')   # read as released weights: fed the released frames
+    assert layout.config == tiny(
+        contrastive_heads=True, frame_preset='released'
+    )  # read as released weights: fed the released frames
 
 
 def test_save_and_resume_roundtrip(tmp_path):
@@ -149,19 +204,33 @@ def test_save_and_resume_roundtrip(tmp_path):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, 5)
     model(torch.randn(2, 256, 128), torch.randn(2, 3, 96, 96)).loss.backward()
-    opt.step(); sched.step()
+    opt.step()
+    sched.step()
     rng = capture_rng_state()
-    path = save_checkpoint(tmp_path / 'ckpt' / 'step7.pt', model, model.config, optimizer=opt.state_dict(),
-                           scheduler=sched.state_dict(), step=7, rng=rng)
+    path = save_checkpoint(
+        tmp_path / 'ckpt' / 'step7.pt',
+        model,
+        model.config,
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        step=7,
+        rng=rng,
+    )
     draw = torch.rand(4)
     ckpt = load_checkpoint(path)
-    assert isinstance(ckpt, Checkpoint) and ckpt.config == model.config and ckpt.training_state['step'] == 7
+    assert (
+        isinstance(ckpt, Checkpoint)
+        and ckpt.config == model.config
+        and ckpt.training_state['step'] == 7
+    )
     restore_rng_state(ckpt.training_state['rng'])
     assert torch.equal(torch.rand(4), draw)
     restored = ckpt.build_model()
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), name
-    assert [n for n, p in restored.named_parameters() if p.requires_grad] == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, p in restored.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad
+    ]
     opt2 = torch.optim.AdamW([p for p in restored.parameters() if p.requires_grad], lr=1e-3)
     opt2.load_state_dict(ckpt.training_state['optimizer'])
     assert opt2.state_dict()['state'][0]['step'] == opt.state_dict()['state'][0]['step']
@@ -185,6 +254,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def crash(obj, f, *args, **kwargs):
         f.write(b'partial')
         raise RuntimeError('disk full')
+
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(RuntimeError, match='disk full'):
         save_checkpoint(path, model, step=2)
@@ -196,15 +266,24 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pt'):
         load_checkpoint(tmp_path / 'nope.pt')
-    torch.save(CAVMAESync(tiny(modality_depth=1, decoder_depth=1)).state_dict(), tmp_path / 'raw.pt')
+    torch.save(
+        CAVMAESync(tiny(modality_depth=1, decoder_depth=1)).state_dict(), tmp_path / 'raw.pt'
+    )
     with pytest.raises(CheckpointError, match='raw.pt: not a cavmae_sync checkpoint'):
         load_checkpoint(tmp_path / 'raw.pt')
 
 
 def test_classifier_checkpoint_roundtrip(tmp_path):
-    clf = CAVMAESyncClassifier(tiny(modality_depth=1), 5, modality='audio', aggregation='attention', attention_depth=1)
+    clf = CAVMAESyncClassifier(
+        tiny(modality_depth=1), 5, modality='audio', aggregation='attention', attention_depth=1
+    )
     back = load_checkpoint(save_checkpoint(tmp_path / 'clf.pt', clf)).build_model()
-    assert (back.num_classes, back.modality, back.aggregation, len(back.aggregator.blocks)) == (5, 'audio', 'attention', 1)
+    assert (back.num_classes, back.modality, back.aggregation, len(back.aggregator.blocks)) == (
+        5,
+        'audio',
+        'attention',
+        1,
+    )
     audio = torch.randn(2, 3, 256, 128)
     assert torch.allclose(back.eval()(audio), clf.eval()(audio))
 
@@ -229,16 +308,29 @@ def test_init_from_imagenet_timm_module_and_file(tmp_path):
     report = init_from_imagenet_mae(model, vit)
     for i in range(4):
         for part in ('attn.qkv.weight', 'attn.proj.bias', 'mlp.fc1.weight', 'norm2.bias'):
-            assert torch.equal(model.state_dict()[f'blocks_a.{i}.{part}'], src[f'blocks.{i}.{part}'])
-            assert torch.equal(model.state_dict()[f'blocks_v.{i}.{part}'], src[f'blocks.{i}.{part}'])
+            assert torch.equal(
+                model.state_dict()[f'blocks_a.{i}.{part}'], src[f'blocks.{i}.{part}']
+            )
+            assert torch.equal(
+                model.state_dict()[f'blocks_v.{i}.{part}'], src[f'blocks.{i}.{part}']
+            )
     for norm in ('norm1', 'norm1_a', 'norm1_v'):
-        assert torch.equal(model.state_dict()[f'blocks_u.0.{norm}.weight'], src['blocks.4.norm1.weight'])
+        assert torch.equal(
+            model.state_dict()[f'blocks_u.0.{norm}.weight'], src['blocks.4.norm1.weight']
+        )
     assert torch.equal(model.patch_embed_v.proj.weight, src['patch_embed.proj.weight'])
-    assert torch.equal(model.patch_embed_a.proj.weight, src['patch_embed.proj.weight'].sum(1, keepdim=True))
+    assert torch.equal(
+        model.patch_embed_a.proj.weight, src['patch_embed.proj.weight'].sum(1, keepdim=True)
+    )
     assert torch.equal(model.cls_token_a, src['cls_token'] + src['pos_embed'][:, :1])
-    assert 'blocks.11.mlp.fc2.weight' in report.unused and 'decoder_embed.weight' not in report.copied
+    assert (
+        'blocks.11.mlp.fc2.weight' in report.unused and 'decoder_embed.weight' not in report.copied
+    )
     # the same from an MAE-style file ({'model': state_dict} with a DataParallel prefix)
-    torch.save({'model': {'module.' + k: v for k, v in src.items()}, 'epoch': 799}, tmp_path / 'mae_pretrain_vit_tiny.pth')
+    torch.save(
+        {'model': {'module.' + k: v for k, v in src.items()}, 'epoch': 799},
+        tmp_path / 'mae_pretrain_vit_tiny.pth',
+    )
     other = CAVMAESync(tiny())
     init_from_imagenet_mae(other, tmp_path / 'mae_pretrain_vit_tiny.pth')
     assert torch.equal(other.blocks_v[3].mlp.fc2.weight, src['blocks.3.mlp.fc2.weight'])
@@ -250,7 +342,9 @@ def test_init_from_imagenet_timm_name_without_download():
     before = model.blocks_a[0].attn.qkv.weight.clone()
     report = init_from_imagenet_mae(model, 'vit_tiny_patch16_224', pretrained=False)
     assert not torch.equal(before, model.blocks_a[0].attn.qkv.weight)
-    assert torch.equal(model.blocks_a[0].attn.qkv.weight, model.blocks_v[0].attn.qkv.weight)   # both from ViT block 0
+    assert torch.equal(
+        model.blocks_a[0].attn.qkv.weight, model.blocks_v[0].attn.qkv.weight
+    )  # both from ViT block 0
     assert len(report.copied) > 100
 
 
@@ -260,6 +354,8 @@ def test_init_from_imagenet_errors(tmp_path):
     with pytest.raises(ValueError, match='blocks_a.0.norm1.weight'):
         init_from_imagenet_mae(CAVMAESync(tiny(embed_dim=96)), vit)
     with pytest.raises(ValueError, match='needs 11 \\+ 2'):
-        init_from_imagenet_mae(CAVMAESync(tiny(modality_depth=11, joint_depth=2, decoder_depth=1)), vit)
+        init_from_imagenet_mae(
+            CAVMAESync(tiny(modality_depth=11, joint_depth=2, decoder_depth=1)), vit
+        )
     with pytest.raises(FileNotFoundError, match='missing_mae.pth'):
         init_from_imagenet_mae(CAVMAESync(tiny()), tmp_path / 'missing_mae.pth')

@@ -1,4 +1,6 @@
-"Metrics against hand-computed cases, direct definitions and scikit-learn: AP, mAP, accuracy, recall at k and ranks (ties included), best IoU."
+"""Metrics against hand-computed cases, direct definitions and scikit-learn: AP, mAP, accuracy,
+recall at k and ranks (ties included), best IoU."""
+
 import itertools
 import math
 
@@ -7,8 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cavmae_sync.metrics import (average_precision, mean_average_precision, accuracy, retrieval_ranks, recall_metrics, rank_counts,
-                                 recall_hits, best_iou)
+from cavmae_sync.metrics import (
+    average_precision,
+    mean_average_precision,
+    accuracy,
+    retrieval_ranks,
+    recall_metrics,
+    rank_counts,
+    recall_hits,
+    best_iou,
+)
 
 
 def definition_ap(scores, targets):
@@ -17,18 +27,29 @@ def definition_ap(scores, targets):
     return float(np.mean([targets[scores >= scores[i]].mean() for i in np.flatnonzero(targets)]))
 
 
-@pytest.mark.parametrize('scores, targets, expected', [
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 5 / 6),                # scikit-learn's documented example
-    ([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1], 5 / 12),                # tie group (1 positive, 1 negative) enters together
-    ([0.5, 0.5, 0.5, 0.1], [1, 0, 1, 0], 2 / 3),
-    ([0.3, 0.3, 0.3, 0.3], [0, 1, 0, 0], 1 / 4),                 # everything tied: AP = prevalence
-    ([3.0, 2.0, 1.0], [1, 1, 0], 1.0),
-    ([1.0, 2.0, 3.0], [1, 0, 0], 1 / 3),
-    ([0.7, 0.7, 0.2, 0.2, 0.9], [1, 0, 1, 0, 0], (1 / 3 + 2 / 5) / 2),
-])
+@pytest.mark.parametrize(
+    'scores, targets, expected',
+    [
+        ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 5 / 6),  # scikit-learn's documented example
+        (
+            [0.9, 0.5, 0.5, 0.1],
+            [0, 1, 0, 1],
+            5 / 12,
+        ),  # tie group (1 positive, 1 negative) enters together
+        ([0.5, 0.5, 0.5, 0.1], [1, 0, 1, 0], 2 / 3),
+        ([0.3, 0.3, 0.3, 0.3], [0, 1, 0, 0], 1 / 4),  # everything tied: AP = prevalence
+        ([3.0, 2.0, 1.0], [1, 1, 0], 1.0),
+        ([1.0, 2.0, 3.0], [1, 0, 0], 1 / 3),
+        ([0.7, 0.7, 0.2, 0.2, 0.9], [1, 0, 1, 0, 0], (1 / 3 + 2 / 5) / 2),
+    ],
+)
 def test_average_precision_hand_computed(scores, targets, expected):
     assert math.isclose(average_precision(scores, targets), expected, rel_tol=1e-12)
-    assert math.isclose(average_precision(torch.tensor(scores), torch.tensor(targets).bool()), expected, rel_tol=1e-12)
+    assert math.isclose(
+        average_precision(torch.tensor(scores), torch.tensor(targets).bool()),
+        expected,
+        rel_tol=1e-12,
+    )
 
 
 @pytest.mark.parametrize('seed', range(10))
@@ -36,7 +57,9 @@ def test_average_precision_matches_definition_with_ties(seed):
     rng = np.random.default_rng(seed)
     scores, targets = rng.integers(0, 5, 60) / 4, rng.random(60) < 0.25
     targets[0] = True
-    assert math.isclose(average_precision(scores, targets), definition_ap(scores, targets), rel_tol=1e-12)
+    assert math.isclose(
+        average_precision(scores, targets), definition_ap(scores, targets), rel_tol=1e-12
+    )
 
 
 def test_average_precision_rejects_bad_input():
@@ -53,7 +76,10 @@ def test_average_precision_rejects_bad_input():
 
 
 def test_no_positives_is_zero_with_scikit_learns_warning():
-    with pytest.warns(UserWarning, match='No positive class found in y_true, recall is set to one for all thresholds'):
+    with pytest.warns(
+        UserWarning,
+        match='No positive class found in y_true, recall is set to one for all thresholds',
+    ):
         assert average_precision([0.2, 0.1, 0.7], [0, 0, 0]) == 0.0
 
 
@@ -62,18 +88,25 @@ def no_positive_case():
     scores = torch.randn(80, 12, generator=gen).round(decimals=1)
     targets = torch.rand(80, 12, generator=gen) < 0.1
     targets[:, [4, 9]] = False
-    targets[0, [c for c in range(12) if c not in (4, 9)]] = True          # every other class has a positive
+    targets[0, [c for c in range(12) if c not in (4, 9)]] = True  # every other class has a positive
     return scores, targets
 
 
 def test_mean_average_precision_counts_classes_without_positives_as_zero_by_default():
     scores, targets = no_positive_case()
-    with pytest.warns(UserWarning, match=r'No positive class found in y_true.*2 of 12 classes.*\[4, 9\]'):
+    with pytest.warns(
+        UserWarning, match=r'No positive class found in y_true.*2 of 12 classes.*\[4, 9\]'
+    ):
         result = mean_average_precision(scores, targets)
-    per_class = [definition_ap(scores[:, c].numpy(), targets[:, c].numpy()) * 100 if c not in (4, 9) else 0.0 for c in range(12)]
+    per_class = [
+        definition_ap(scores[:, c].numpy(), targets[:, c].numpy()) * 100 if c not in (4, 9) else 0.0
+        for c in range(12)
+    ]
     assert result.classes_without_positives == [4, 9] and result.no_positives == 'zero'
     assert (result.per_class[[4, 9]] == 0).all() and result.evaluated_classes == list(range(12))
-    assert math.isclose(result.mAP, sum(per_class) / 12, rel_tol=1e-9)    # hand-computed: the 10 APs and two zeros over 12
+    assert math.isclose(
+        result.mAP, sum(per_class) / 12, rel_tol=1e-9
+    )  # hand-computed: the 10 APs and two zeros over 12
     assert 'counted as AP 0' in repr(result)
     frame = result.to_frame([f'c{i}' for i in range(12)])
     assert frame['evaluated'].sum() == 12 and frame['has_positives'].sum() == 10
@@ -83,8 +116,15 @@ def test_mean_average_precision_can_exclude_classes_without_positives():
     scores, targets = no_positive_case()
     result = mean_average_precision(scores, targets, no_positives='exclude')
     assert result.classes_without_positives == [4, 9]
-    assert torch.isnan(result.per_class[[4, 9]]).all() and not torch.isnan(result.per_class[[0, 1, 2, 3, 5]]).any()
-    per_class = [definition_ap(scores[:, c].numpy(), targets[:, c].numpy()) * 100 for c in range(12) if c not in (4, 9)]
+    assert (
+        torch.isnan(result.per_class[[4, 9]]).all()
+        and not torch.isnan(result.per_class[[0, 1, 2, 3, 5]]).any()
+    )
+    per_class = [
+        definition_ap(scores[:, c].numpy(), targets[:, c].numpy()) * 100
+        for c in range(12)
+        if c not in (4, 9)
+    ]
     assert math.isclose(result.mAP, np.mean(per_class), rel_tol=1e-9)
     assert 'left out' in repr(result) and result.to_frame()['evaluated'].sum() == 10
     with pytest.raises(ValueError, match='no class'):
@@ -95,31 +135,43 @@ def test_mean_average_precision_can_exclude_classes_without_positives():
 
 def test_mean_average_precision_hand_computed_small_case():
     scores = torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.7, 0.3], [0.1, 0.6, 0.2], [0.3, 0.1, 0.0]])
-    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])         # class 2 has no positive
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])  # class 2 has no positive
     with pytest.warns(UserWarning):
-        assert math.isclose(mean_average_precision(scores, targets).mAP, (0.75 + 1.0 + 0.0) / 3 * 100)
-    assert math.isclose(mean_average_precision(scores, targets, no_positives='exclude').mAP, (0.75 + 1.0) / 2 * 100)
+        assert math.isclose(
+            mean_average_precision(scores, targets).mAP, (0.75 + 1.0 + 0.0) / 3 * 100
+        )
+    assert math.isclose(
+        mean_average_precision(scores, targets, no_positives='exclude').mAP, (0.75 + 1.0) / 2 * 100
+    )
 
 
 def test_against_scikit_learn_when_installed():
     "The released CAV-MAE code's mAP: sklearn's average_precision_score per class, then the mean over all classes."
     sklearn_metrics = pytest.importorskip('sklearn.metrics')
     import warnings
+
     gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(150, 20, generator=gen).round(decimals=1)              # rounding makes ties
+    scores = torch.randn(150, 20, generator=gen).round(decimals=1)  # rounding makes ties
     targets = torch.rand(150, 20, generator=gen) < 0.08
-    targets[:, [3, 17]] = False                                                  # two classes without positives
+    targets[:, [3, 17]] = False  # two classes without positives
     with warnings.catch_warnings(record=True) as theirs:
         warnings.simplefilter('always')
-        reference = [sklearn_metrics.average_precision_score(targets[:, k].numpy(), scores[:, k].numpy()) for k in range(20)]
+        reference = [
+            sklearn_metrics.average_precision_score(targets[:, k].numpy(), scores[:, k].numpy())
+            for k in range(20)
+        ]
     assert reference[3] == reference[17] == 0.0
     assert any('No positive class found in y_true' in str(w.message) for w in theirs)
     with pytest.warns(UserWarning, match='No positive class found in y_true'):
         ours = mean_average_precision(scores, targets)
-    np.testing.assert_allclose(ours.per_class.double().numpy(), np.array(reference) * 100, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        ours.per_class.double().numpy(), np.array(reference) * 100, rtol=1e-6, atol=1e-5
+    )
     assert math.isclose(ours.mAP, float(np.mean(reference)) * 100, rel_tol=1e-6)
     for k in (0, 5):
-        assert math.isclose(average_precision(scores[:, k], targets[:, k]), reference[k], rel_tol=1e-12)
+        assert math.isclose(
+            average_precision(scores[:, k], targets[:, k]), reference[k], rel_tol=1e-12
+        )
 
 
 def test_accuracy():
@@ -141,7 +193,8 @@ def direct_expectation(scores, ks=(1, 5, 10)):
         higher = sum(1 for j in range(scores.shape[1]) if scores[i, j] > scores[i, i])
         tied = sum(1 for j in range(scores.shape[1]) if j != i and scores[i, j] == scores[i, i])
         outcomes = [higher + place for place in range(1, tied + 2)]
-        for k in ks: hits[k].append(sum(r <= k for r in outcomes) / len(outcomes))
+        for k in ks:
+            hits[k].append(sum(r <= k for r in outcomes) / len(outcomes))
         expected_ranks.append(sum(outcomes) / len(outcomes))
         ties += tied > 0
     out = {f'R@{k}': 100 * sum(hits[k]) / len(scores) for k in ks}
@@ -159,28 +212,43 @@ def brute_force(scores, ks):
     hits, ranks = {k: np.zeros(n) for k in ks}, np.zeros(n)
     for priority in orders:
         for i in range(n):
-            rank = 1 + sum(1 for j in range(n) if scores[i, j] > scores[i, i] or (scores[i, j] == scores[i, i] and priority[j] < priority[i]))
+            rank = 1 + sum(
+                1
+                for j in range(n)
+                if scores[i, j] > scores[i, i]
+                or (scores[i, j] == scores[i, i] and priority[j] < priority[i])
+            )
             ranks[i] += rank / len(orders)
-            for k in ks: hits[k][i] += (rank <= k) / len(orders)
+            for k in ks:
+                hits[k][i] += (rank <= k) / len(orders)
     return {f'R@{k}': 100 * hits[k].mean() for k in ks}, ranks
 
 
 def test_recall_is_the_expectation_over_tie_orders():
-    scores = torch.tensor([[0.5, 0.5, 0.5, 0.1],     # tied with 2 others: rank 1, 2 or 3
-                           [0.9, 0.2, 0.2, 0.3],     # 0.9 and 0.3 higher, one tie: rank 3 or 4
-                           [0.1, 0.1, 0.4, 0.4],     # tie with candidate 3: rank 1 or 2
-                           [0.8, 0.8, 0.8, 0.7]])    # three higher: rank 4
+    scores = torch.tensor(
+        [
+            [0.5, 0.5, 0.5, 0.1],  # tied with 2 others: rank 1, 2 or 3
+            [0.9, 0.2, 0.2, 0.3],  # 0.9 and 0.3 higher, one tie: rank 3 or 4
+            [0.1, 0.1, 0.4, 0.4],  # tie with candidate 3: rank 1 or 2
+            [0.8, 0.8, 0.8, 0.7],
+        ]
+    )  # three higher: rank 4
     counts = rank_counts(scores)
-    assert counts.higher.tolist() == [0, 2, 0, 3] and counts.tied.tolist() == [2, 1, 1, 0] and counts.num_tied == 3
+    assert (
+        counts.higher.tolist() == [0, 2, 0, 3]
+        and counts.tied.tolist() == [2, 1, 1, 0]
+        and counts.num_tied == 3
+    )
     assert retrieval_ranks(scores).tolist() == [2.0, 3.5, 1.5, 4.0]
     metrics = recall_metrics(scores, ks=(1, 2, 3))
     assert math.isclose(metrics['R@1'], 100 * (1 / 3 + 0 + 1 / 2 + 0) / 4)
     assert math.isclose(metrics['R@2'], 100 * (2 / 3 + 0 + 1 + 0) / 4)
     assert math.isclose(metrics['R@3'], 100 * (1 + 1 / 2 + 1 + 0) / 4)
-    assert metrics['MR'] == 2.75 and metrics['ties'] == 3           # median of 1.5, 2, 3.5, 4
+    assert metrics['MR'] == 2.75 and metrics['ties'] == 3  # median of 1.5, 2, 3.5, 4
     expected, ranks = brute_force(scores.numpy(), (1, 2, 3))
     assert np.allclose(ranks, retrieval_ranks(scores).numpy())
-    for key in expected: assert math.isclose(metrics[key], expected[key]), key
+    for key in expected:
+        assert math.isclose(metrics[key], expected[key]), key
     hits = recall_hits(scores, 1)
     assert torch.allclose(hits, torch.tensor([1 / 3, 0, 1 / 2, 0], dtype=torch.float64))
 
@@ -188,18 +256,22 @@ def test_recall_is_the_expectation_over_tie_orders():
 @pytest.mark.parametrize('n', [1, 2, 7, 50])
 def test_constant_matrix_scores_chance(n):
     metrics = recall_metrics(torch.full((n, n), 0.25), ks=(1, 5, 10))
-    for k in (1, 5, 10): assert math.isclose(metrics[f'R@{k}'], 100 * min(k, n) / n)
+    for k in (1, 5, 10):
+        assert math.isclose(metrics[f'R@{k}'], 100 * min(k, n) / n)
     assert metrics['MR'] == (n + 1) / 2 and metrics['ties'] == (n if n > 1 else 0)
 
 
 @pytest.mark.parametrize('seed', range(4))
 def test_partly_tied_matrices_match_brute_force_enumeration(seed):
     gen = torch.Generator().manual_seed(seed)
-    scores = (torch.randint(0, 3, (6, 6), generator=gen).float() / 3)     # three values: ties in most rows
+    scores = (
+        torch.randint(0, 3, (6, 6), generator=gen).float() / 3
+    )  # three values: ties in most rows
     for matrix in (scores, scores.T):
         expected, ranks = brute_force(matrix.numpy(), (1, 2, 4))
         got = recall_metrics(matrix, ks=(1, 2, 4))
-        for key in expected: assert math.isclose(got[key], expected[key], abs_tol=1e-9), key
+        for key in expected:
+            assert math.isclose(got[key], expected[key], abs_tol=1e-9), key
         assert math.isclose(got['MR'], float(np.median(ranks)))
 
 
@@ -207,13 +279,18 @@ def test_partly_tied_matrices_match_brute_force_enumeration(seed):
 def test_recall_matches_direct_expectation_with_many_ties(seed):
     gen = torch.Generator().manual_seed(seed)
     n = 37
-    scores = torch.randint(0, 4, (n, n), generator=gen).float() / 4     # few distinct values: ties everywhere
+    scores = (
+        torch.randint(0, 4, (n, n), generator=gen).float() / 4
+    )  # few distinct values: ties everywhere
     for matrix in (scores, scores.T):
         got, expected = recall_metrics(matrix), direct_expectation(matrix.numpy())
         assert got.keys() == expected.keys()
-        for key in expected: assert math.isclose(got[key], expected[key]), key
+        for key in expected:
+            assert math.isclose(got[key], expected[key]), key
         chunked = rank_counts(matrix, chunk_size=5)
-        assert torch.equal(chunked.higher, rank_counts(matrix).higher) and torch.equal(chunked.tied, rank_counts(matrix).tied)
+        assert torch.equal(chunked.higher, rank_counts(matrix).higher) and torch.equal(
+            chunked.tied, rank_counts(matrix).tied
+        )
 
 
 def test_without_ties_nothing_changes():
@@ -221,7 +298,9 @@ def test_without_ties_nothing_changes():
     plain_ranks = [1 + int((scores[i] > scores[i, i]).sum()) for i in range(40)]
     metrics = recall_metrics(scores)
     assert metrics['ties'] == 0 and retrieval_ranks(scores).tolist() == plain_ranks
-    assert metrics['R@5'] == 100 * sum(r <= 5 for r in plain_ranks) / 40 and metrics['MR'] == float(np.median(plain_ranks))
+    assert metrics['R@5'] == 100 * sum(r <= 5 for r in plain_ranks) / 40 and metrics['MR'] == float(
+        np.median(plain_ranks)
+    )
 
 
 def test_recall_rejects_bad_matrices():
