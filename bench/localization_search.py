@@ -37,6 +37,8 @@ VARIANTS = {  # name: (ModelConfig fields it changes, whether it is the paper's 
     'contrastive weight 3': ({'contrastive_weight': 3.0}, True),
     'mask 0.5': ({'mask_ratio_audio': 0.5, 'mask_ratio_video': 0.5}, True),
     'registers 0': ({'num_registers': 0}, True),
+    # the paper's own ablation (claim b): the contrast on mean-pooled patch tokens
+    'no global tokens': ({'global_tokens': False}, True),
     'registers 8': ({'num_registers': 8}, True),
     'contrastive heads': ({'contrastive_heads': True}, True),
     'global_local_contrast': ({'global_local_contrast': True}, False),

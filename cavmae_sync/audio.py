@@ -161,9 +161,8 @@ def kaldi_fbank(
     return energies.clamp_min(LOG_FLOOR).log()
 
 # %% ../nbs/04_audio.ipynb #9a2180eb
-START_OFFSET_TOLERANCE = (
-    0.05  # s: encoder priming (an AAC frame is 21-23 ms) is not an offset worth aligning
-)
+# s: encoder priming (an AAC frame is 21-23 ms) is not an offset worth aligning
+START_OFFSET_TOLERANCE = 0.05
 
 
 def stream_start_offset(container) -> float:

@@ -89,12 +89,10 @@ class RawSample:
     positions: list  # K positions t in 0 .. T-1
     pcm: np.ndarray  # (N,) int16: the clip's first channel at `sample_rate`
     sample_rate: int
-    train: bool = (
-        True  # a training sample (one frame; its items are shaped as ClipDataset's train items)
-    )
-    crop: tuple | None = (
-        None  # (top, left, height, width, flip) of a training crop (None: resize + centre crop)
-    )
+    # a training sample (one frame; its items are shaped as ClipDataset's train items)
+    train: bool = True
+    # (top, left, height, width, flip) of a training crop (None: resize + centre crop)
+    crop: tuple | None = None
     labels: torch.Tensor | None = None  # (C,) multi-hot
 
 

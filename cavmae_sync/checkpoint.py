@@ -196,6 +196,92 @@ def _heads(
         f"pass {argument}=H (a model saved with cavmae_sync.checkpoint.save_checkpoint records it)"
     )
 
+# %% ../nbs/14_checkpoint.ipynb #7f70ff21
+def _official_grid(state_dict: dict) -> tuple[int, int, int, int]:
+    "(width D, patch size p, side of the visual grid, audio length L) read off the patch and position embeddings."
+    D, _, p, _ = state_dict['patch_embed_v.proj.weight'].shape
+    n_v, n_a = state_dict['pos_embed_v'].shape[1], state_dict['pos_embed_a'].shape[1]
+    side = int(round(n_v**0.5))
+    if side * side != n_v:
+        raise CheckpointError(f"pos_embed_v: {n_v} visual positions are not a square grid")
+    rows = NUM_MEL_BINS // p
+    if n_a % rows:
+        raise CheckpointError(
+            f"pos_embed_a: {n_a} audio positions are not a {rows}-row frequency grid"
+        )
+    return D, p, side, n_a // rows * p
+
+
+def _official_encoder(state_dict: dict) -> dict:
+    "The encoder's `ModelConfig` fields that its names and shapes tell (all but the attention heads)."
+    D, p, side, audio_length = _official_grid(state_dict)
+    modality_depth = count_blocks(state_dict, 'blocks_a')
+    depth_v = count_blocks(state_dict, 'blocks_v')
+    if modality_depth != depth_v:
+        raise CheckpointError(f"blocks_a has {modality_depth} blocks but blocks_v has {depth_v}")
+    R2 = state_dict['register_tokens'].shape[0] if 'register_tokens' in state_dict else 0
+    if R2 % 2:
+        raise CheckpointError(f"register_tokens: {R2} rows, expected 2R (R audio + R visual)")
+    head_depth = count_blocks(state_dict, 'constrative_head_audio')
+    mlp_ratio = state_dict['blocks_a.0.mlp.fc1.weight'].shape[0] / D
+    settings = dict(
+        embed_dim=D,
+        patch_size=p,
+        image_size=side * p,
+        audio_length=audio_length,
+        mlp_ratio=float(int(mlp_ratio)) if mlp_ratio == int(mlp_ratio) else mlp_ratio,
+        modality_depth=modality_depth,
+        joint_depth=count_blocks(state_dict, 'blocks_u'),
+        global_tokens='cls_token_a' in state_dict,
+        num_registers=R2 // 2,
+        contrastive_heads=head_depth > 0,
+        contrastive_head_depth=head_depth or 2,
+    )
+    if settings['joint_depth'] == 0:
+        raise CheckpointError("blocks_u: no joint block in the state dict")
+    return settings
+
+# %% ../nbs/14_checkpoint.ipynb #a43848e1
+def _official_shapes(state_dict: dict, settings: dict) -> str:
+    "What the shapes say about the encoder, for the message of an unknown number of heads."
+    return (
+        f"patch_embed_v.proj.weight {tuple(state_dict['patch_embed_v.proj.weight'].shape)}: "
+        f"{settings['modality_depth']} + {settings['joint_depth']} blocks, {settings['image_size']}-pixel frames, "
+        f"{settings['audio_length']}-frame audio, {settings['num_registers']} registers"
+    )
+
+
+def _official_frames(settings: dict, num_frames: Optional[int]) -> dict:
+    "T and the frame preset: the CAV-MAE baseline (whole-clip audio, no global or register tokens) has one frame."
+    whole_clip = (
+        settings['audio_length'] >= TARGET_LENGTH
+        and not settings['global_tokens']
+        and not settings['num_registers']
+    )
+    return dict(
+        num_frames=(1 if whole_clip else NUM_FRAMES) if num_frames is None else num_frames,
+        # the frames each release was trained on
+        frame_preset='cavmae' if whole_clip else 'released',
+    )
+
+
+def _official_decoder(state_dict: dict, decoder_num_heads: Optional[int]) -> dict:
+    "The MAE decoder's fields, read off `decoder_embed` and the `decoder_blocks`."
+    width = state_dict['decoder_embed.weight'].shape[0]
+    decoder_shapes = f"decoder_embed.weight {tuple(state_dict['decoder_embed.weight'].shape)}"
+    return dict(
+        decoder_embed_dim=width,
+        decoder_depth=count_blocks(state_dict, 'decoder_blocks'),
+        decoder_num_heads=_heads(
+            decoder_num_heads,
+            width,
+            RELEASED_DECODER_HEADS,
+            'MAE decoder',
+            'decoder_num_heads',
+            decoder_shapes,
+        ),
+    )
+
 # %% ../nbs/14_checkpoint.ipynb #216c1cbc
 def infer_official_config(
     state_dict: dict,  # official state dict, prefix stripped
@@ -216,74 +302,14 @@ def infer_official_config(
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise CheckpointError(f"not a CAV-MAE(-Sync) state dict: missing {missing}")
-    D, _, p, _ = state_dict['patch_embed_v.proj.weight'].shape
-    n_v, n_a = state_dict['pos_embed_v'].shape[1], state_dict['pos_embed_a'].shape[1]
-    side = int(round(n_v**0.5))
-    if side * side != n_v:
-        raise CheckpointError(f"pos_embed_v: {n_v} visual positions are not a square grid")
-    rows = NUM_MEL_BINS // p
-    if n_a % rows:
-        raise CheckpointError(
-            f"pos_embed_a: {n_a} audio positions are not a {rows}-row frequency grid"
-        )
-    audio_length = n_a // rows * p
-    modality_depth, depth_v = (
-        count_blocks(state_dict, 'blocks_a'),
-        count_blocks(state_dict, 'blocks_v'),
+    settings = _official_encoder(state_dict)
+    shapes = _official_shapes(state_dict, settings)
+    settings['num_heads'] = _heads(
+        num_heads, settings['embed_dim'], RELEASED_HEADS, 'encoder', 'num_heads', shapes
     )
-    if modality_depth != depth_v:
-        raise CheckpointError(f"blocks_a has {modality_depth} blocks but blocks_v has {depth_v}")
-    R2 = state_dict['register_tokens'].shape[0] if 'register_tokens' in state_dict else 0
-    if R2 % 2:
-        raise CheckpointError(f"register_tokens: {R2} rows, expected 2R (R audio + R visual)")
-    head_depth = count_blocks(state_dict, 'constrative_head_audio')
-    settings = dict(
-        embed_dim=D,
-        patch_size=p,
-        image_size=side * p,
-        audio_length=audio_length,
-        mlp_ratio=state_dict['blocks_a.0.mlp.fc1.weight'].shape[0] / D,
-        modality_depth=modality_depth,
-        joint_depth=count_blocks(state_dict, 'blocks_u'),
-        global_tokens='cls_token_a' in state_dict,
-        num_registers=R2 // 2,
-        contrastive_heads=head_depth > 0,
-        contrastive_head_depth=head_depth or 2,
-    )
-    if settings['joint_depth'] == 0:
-        raise CheckpointError("blocks_u: no joint block in the state dict")
-    shapes = (
-        f"patch_embed_v.proj.weight {tuple(state_dict['patch_embed_v.proj.weight'].shape)}: "
-        f"{modality_depth} + {settings['joint_depth']} blocks, {side * p}-pixel frames, "
-        f"{audio_length}-frame audio, {R2 // 2} registers"
-    )
-    settings['num_heads'] = _heads(num_heads, D, RELEASED_HEADS, 'encoder', 'num_heads', shapes)
-    if settings['mlp_ratio'] == int(settings['mlp_ratio']):
-        settings['mlp_ratio'] = float(int(settings['mlp_ratio']))
-    whole_clip = (
-        audio_length >= TARGET_LENGTH and not settings['global_tokens'] and not R2
-    )  # the CAV-MAE baseline
-    if num_frames is None:
-        num_frames = 1 if whole_clip else NUM_FRAMES
-    settings['num_frames'] = num_frames
-    settings['frame_preset'] = (
-        'cavmae' if whole_clip else 'released'
-    )  # the frames each release was trained on
+    settings.update(_official_frames(settings, num_frames))
     if 'decoder_embed.weight' in state_dict:
-        width = state_dict['decoder_embed.weight'].shape[0]
-        decoder_shapes = f"decoder_embed.weight {tuple(state_dict['decoder_embed.weight'].shape)}"
-        settings.update(
-            decoder_embed_dim=width,
-            decoder_depth=count_blocks(state_dict, 'decoder_blocks'),
-            decoder_num_heads=_heads(
-                decoder_num_heads,
-                width,
-                RELEASED_DECODER_HEADS,
-                'MAE decoder',
-                'decoder_num_heads',
-                decoder_shapes,
-            ),
-        )
+        settings.update(_official_decoder(state_dict, decoder_num_heads))
         return OfficialLayout(ModelConfig(**settings), 'pretrain')
     if 'mlp_head.1.weight' in state_dict:
         return OfficialLayout(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch_to
 from torch.utils.data import Dataset, DataLoader
 
 from .config import PreprocessConfig, MediaError
@@ -91,14 +92,12 @@ def decode_clips(
     num_workers: int = 0,  # decoding processes
     skip_errors: bool = False,  # leave unreadable clips out (listed in `skipped`) instead of raising
     progress: bool = True,
-    max_bytes: float
-    | None = None,  # stop with `CacheBudgetExceeded` once the decoded clips take more than this
+    max_bytes: float | None = None,  # stop (`CacheBudgetExceeded`) once decoded clips take more
 ) -> DecodedMedia:
     """Decode every source once; remembered (by file identity, so replaced files are decoded again)
     for the last two sets."""
-    identity = lambda path: (
-        None if path is None else file_identity(path)
-    )  # a replaced file is decoded again
+    # a replaced file is decoded again
+    identity = lambda path: None if path is None else file_identity(path)
     key = (
         tuple((identity(s.video), identity(s.audio)) for s in sources),
         tuple(sorted(config.to_dict().items())),
@@ -158,8 +157,7 @@ class DecodedClips(Dataset):
         num_workers: int = 0,  # processes decoding in parallel while building
         progress: bool = True,
         augment: bool = True,  # training items: random resized crop + flip (else resize + centre crop)
-        max_bytes: float
-        | None = None,  # refuse (`CacheBudgetExceeded`) a set whose decoded clips take more
+        max_bytes: float | None = None,  # refuse a set taking more (`CacheBudgetExceeded`)
     ):
         if any(
             s.video is None or Path(s.video).suffix.lower() not in VIDEO_EXTENSIONS
@@ -178,22 +176,15 @@ class DecodedClips(Dataset):
         decoded = decode_clips(
             dataset.sources, self.config, num_workers, self.skip_errors, progress, max_bytes
         )
-        self.sources = [
-            dataset.sources[i] for i in decoded.kept
-        ]  # this data set's rows: its labels, not a cached set's
-        self.frames, self.spectrograms, self.skipped = (
-            decoded.frames,
-            decoded.spectrograms,
-            decoded.skipped,
-        )
-        self.bounds = window_bounds(
-            self.config.target_length, self.config.num_frames, self.config.window
-        )  # (T, 2)
+        # this data set's rows: its labels, not a cached set's
+        self.sources = [dataset.sources[i] for i in decoded.kept]
+        self.frames, self.spectrograms = decoded.frames, decoded.spectrograms
+        self.skipped = decoded.skipped
+        c = self.config
+        self.bounds = window_bounds(c.target_length, c.num_frames, c.window)  # (T, 2)
         self.augment = augment and self.mode == 'train'
         self.transform = (
-            train_transform(self.config.image_size)
-            if self.augment
-            else eval_transform(self.config.image_size)
+            train_transform(c.image_size) if self.augment else eval_transform(c.image_size)
         )
 
     def __len__(self):
@@ -203,45 +194,51 @@ class DecodedClips(Dataset):
     def nbytes(self) -> int:
         return sum(map(decoded_nbytes, self.frames, self.spectrograms))
 
-    def _windows(self, index: int, positions) -> torch.Tensor:
-        starts = self.bounds[positions, 0]  # (K,)
-        return self.spectrograms[index][
-            starts[:, None] + torch.arange(self.config.window)
-        ]  # (K, L, mel)
+# %% ../nbs/12_clip_cache.ipynb #8c184575
+@patch_to(DecodedClips)
+def _windows(self, index: int, positions) -> torch.Tensor:
+    "(K, L, mel) spectrogram windows of clip `index` at the K frame `positions`."
+    starts = self.bounds[positions, 0]  # (K,)
+    rows = starts[:, None] + torch.arange(self.config.window)  # (K, L) spectrogram rows
+    return self.spectrograms[index][rows]  # (K, L, mel)
 
-    def __getitem__(self, index: int) -> dict:
-        if self.mode == 'train':
-            position = int(
-                torch.randint(self.config.num_frames, ())
-            )  # the same draw as ClipDataset
-            frames = self.transform(
-                self.frames[index][position : position + 1].permute(0, 3, 1, 2)
-            )  # (1, 3, S, S)
-            item = {
-                'frames': frames[0],
-                'audio': self._windows(index, [position])[0],
-                'frame_index': position,
-            }
-        else:
-            item = {
-                'frames': self.transform(self.frames[index].permute(0, 3, 1, 2)),  # (T, 3, S, S)
-                'audio': self._windows(index, list(range(self.config.num_frames))),
-            }  # (T, L, mel)
-        item.update(index=index, video_id=self.sources[index].video_id)
-        if self.sources[index].labels is not None:
-            item['labels'] = self.sources[index].labels
-        return item
 
-    def report(self) -> str:
-        if not self.skipped:
-            return f'no file skipped ({len(self)} clips)'
-        return '\n'.join(
-            [f'skipped {len(self.skipped)} unreadable files:']
-            + [f'  {p}: {r}' for p, r in self.skipped]
-        )
+@patch_to(DecodedClips)
+def __getitem__(self, index: int) -> dict:
+    if self.mode == 'train':
+        position = int(torch.randint(self.config.num_frames, ()))  # the same draw as ClipDataset
+        raw = self.frames[index][position : position + 1].permute(0, 3, 1, 2)  # (1, 3, H, W) uint8
+        frames = self.transform(raw)  # (1, 3, S, S)
+        item = {
+            'frames': frames[0],
+            'audio': self._windows(index, [position])[0],  # (L, mel)
+            'frame_index': position,
+        }
+    else:
+        item = {
+            'frames': self.transform(self.frames[index].permute(0, 3, 1, 2)),  # (T, 3, S, S)
+            'audio': self._windows(index, list(range(self.config.num_frames))),  # (T, L, mel)
+        }
+    item.update(index=index, video_id=self.sources[index].video_id)
+    if self.sources[index].labels is not None:
+        item['labels'] = self.sources[index].labels
+    return item
 
-    def __repr__(self):
-        return f"DecodedClips({len(self)} clips, mode={self.mode!r}, {self.nbytes / 2**20:.0f} MiB)"
+
+@patch_to(DecodedClips)
+def report(self) -> str:
+    "How many and which files were skipped."
+    if not self.skipped:
+        return f'no file skipped ({len(self)} clips)'
+    return '\n'.join(
+        [f'skipped {len(self.skipped)} unreadable files:']
+        + [f'  {p}: {r}' for p, r in self.skipped]
+    )
+
+
+@patch_to(DecodedClips)
+def __repr__(self):
+    return f"DecodedClips({len(self)} clips, mode={self.mode!r}, {self.nbytes / 2**20:.0f} MiB)"
 
 # %% ../nbs/12_clip_cache.ipynb #31ec9503
 class CentreCropTraining(ClipDataset):

@@ -60,9 +60,8 @@ class PreprocessConfig:
     target_length: int = TARGET_LENGTH  # fbank frames per clip after padding / cutting
     audio_mean: float = AUDIO_MEAN  # normalization: (fbank - audio_mean) / audio_std
     audio_std: float = AUDIO_STD
-    frame_preset: str = (
-        'on_screen'  # how frames are chosen, coloured, resized and stored: `video.FRAME_PRESETS`
-    )
+    # how frames are chosen, coloured, resized and stored: `video.FRAME_PRESETS`
+    frame_preset: str = 'on_screen'
 
     def __post_init__(self):
         for name in (

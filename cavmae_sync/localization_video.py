@@ -17,6 +17,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch_to
 from tqdm.auto import tqdm
 
 from .config import MediaError, PreprocessConfig
@@ -36,7 +37,7 @@ __all__ = ['PAIRINGS', 'MP4_AUDIO_CODECS', 'CHANNEL_LAYOUTS', 'SIXTEEN_BIT_FORMA
            'blend', 'bilinear_matrix', 'nearest_index', 'rendered', 'colour_bar', 'GlyphStamp', 'FrameLayout',
            'frame_layout', 'Painter', 'SoundCopy', 'LocalizationVideo', 'output_frame_size', 'check_cut',
            'check_sync_model', 'audio_stream_start', 'localization_video', 'default_checkpoint', 'parse_size',
-           'output_paths', 'localize_cli']
+           'output_paths', 'localize_parser', 'localize_cli']
 
 # %% ../nbs/33_localization_video.ipynb #c7f2889f
 PAIRINGS = (
@@ -569,26 +570,6 @@ class Painter:
         )
         self.stamp = GlyphStamp(layout.font_px)
 
-    def strip(
-        self,
-        window: np.ndarray,  # (L, mel) normalized fbank window
-        cosines: np.ndarray,  # (F/p, L/p) cos(audio patch, frame), row 0: low mel
-        moment: float | None,  # where the frame is in its window, 0 .. 1 (None: not in it)
-    ) -> np.ndarray:  # (strip_height, width, 3) uint8
-        """The window as a spectrogram, time left to right and low frequencies at the bottom: each audio patch in the
-        colour of its cosine with the frame, bright where the sound is loud; a white line at the frame's moment."""
-        low, high = self.spectrogram_range
-        spectrogram = window.T[::-1]  # (mel, L) high on top
-        level = (spectrogram - low) / (high - low) if high > low else np.zeros_like(spectrogram)
-        level = level.clip(0, 1)[self.level_rows][:, self.level_cols]  # (h, W)
-        colours = colourize(cosines[::-1], self.audio_range, self.table)  # (F/p, L/p, 3)
-        colours = colours[self.patch_rows][:, self.patch_cols]  # (h, W, 3) cells
-        strip = (colours * (0.2 + 0.8 * level[..., None])).astype(np.uint8)  # loud parts bright
-        if moment is not None and 0 <= moment < 1:
-            x, line = int(moment * strip.shape[1]), max(1, strip.shape[1] // 400)
-            strip[:, x : x + line] = 255
-        return strip
-
     def paint(
         self,
         image: np.ndarray,  # (H, W, 3) uint8 the frame at the layout's size
@@ -621,6 +602,28 @@ class Painter:
         margin = max(1, layout.font_px // 4)
         self.stamp.draw(out, f'{seconds:.2f} s', margin, layout.height + margin)
         return out
+
+# %% ../nbs/33_localization_video.ipynb #553ef3cf
+@patch_to(Painter)
+def strip(
+    self,
+    window: np.ndarray,  # (L, mel) normalized fbank window
+    cosines: np.ndarray,  # (F/p, L/p) cos(audio patch, frame), row 0: low mel
+    moment: float | None,  # where the frame is in its window, 0 .. 1 (None: not in it)
+) -> np.ndarray:  # (strip_height, width, 3) uint8
+    """The window as a spectrogram, time left to right and low frequencies at the bottom: each audio patch in the
+    colour of its cosine with the frame, bright where the sound is loud; a white line at the frame's moment."""
+    low, high = self.spectrogram_range
+    spectrogram = window.T[::-1]  # (mel, L) high on top
+    level = (spectrogram - low) / (high - low) if high > low else np.zeros_like(spectrogram)
+    level = level.clip(0, 1)[self.level_rows][:, self.level_cols]  # (h, W)
+    colours = colourize(cosines[::-1], self.audio_range, self.table)  # (F/p, L/p, 3)
+    colours = colours[self.patch_rows][:, self.patch_cols]  # (h, W, 3) cells
+    strip = (colours * (0.2 + 0.8 * level[..., None])).astype(np.uint8)  # loud parts bright
+    if moment is not None and 0 <= moment < 1:
+        x, line = int(moment * strip.shape[1]), max(1, strip.shape[1] // 400)
+        strip[:, x : x + line] = 255
+    return strip
 
 # %% ../nbs/33_localization_video.ipynb #6cd55db5
 MP4_AUDIO_CODECS = (
@@ -685,54 +688,6 @@ class SoundCopy:
     def how(self) -> str:
         return 'copied' if self.copied else f'stored as lossless FLAC (the input is {self.codec})'
 
-    def copies(self) -> Iterator[tuple[float, av.Packet]]:
-        "The input's packets that sound in the cut, and the one before it, rebased to the output's clock."
-        time_base = self.source.time_base
-        shift, previous = round(self.start / time_base), None
-        for packet in self.input.demux(self.source):
-            if packet.size == 0 or packet.pts is None:
-                continue
-            if packet.pts * time_base >= self.end:
-                break
-            if self.start > 0 and (packet.pts + (packet.duration or 0)) * time_base <= self.start:
-                previous = packet
-                continue  # before the cut: its pre-roll
-            for kept in ([previous] if previous is not None else []) + [packet]:
-                kept.pts -= shift
-                if kept.dts is not None:
-                    kept.dts -= shift
-                kept.stream = self.stream
-                yield float(kept.pts * time_base), kept
-            previous = None
-
-    def encoded(self) -> Iterator[tuple[float, av.Packet]]:
-        "The input's decoded samples in the cut, as FLAC packets."
-        context = self.stream.codec_context
-        rate, layout, sample_format = context.sample_rate, context.layout.name, context.format.name
-        resampler = av.AudioResampler(
-            format=sample_format, layout=layout, rate=rate
-        )  # packed, the same rate
-        first = round(self.start * rate)
-        last = round(self.end * rate) if math.isfinite(self.end) else math.inf
-        position = None  # input sample index of the next decoded one
-        for frame in [*self.input.decode(self.source), None]:
-            if position is None and frame is not None:
-                position = round((frame.time or 0.0) * rate)
-            for chunk in resampler.resample(frame):
-                samples = chunk.to_ndarray().reshape(-1, context.channels)  # (n, C) interleaved
-                begin, stop = max(first, position), min(last, position + len(samples))
-                if stop > begin:
-                    kept = np.ascontiguousarray(
-                        samples[begin - position : stop - position].reshape(1, -1)
-                    )  # (1, n'C)
-                    piece = av.AudioFrame.from_ndarray(kept, format=sample_format, layout=layout)
-                    piece.sample_rate, piece.pts = rate, begin - first
-                    for packet in self.stream.encode(piece):
-                        yield float(packet.pts * packet.time_base), packet
-                position += len(samples)
-        for packet in self.stream.encode(None):
-            yield float(packet.pts * packet.time_base), packet
-
     def write_until(self, seconds: float):
         "Mux the packets that start before `seconds` on the output's clock."
         while True:
@@ -745,6 +700,58 @@ class SoundCopy:
 
     def close(self):
         self.input.close()
+
+# %% ../nbs/33_localization_video.ipynb #9167d126
+@patch_to(SoundCopy)
+def copies(self) -> Iterator[tuple[float, av.Packet]]:
+    "The input's packets that sound in the cut, and the one before it, rebased to the output's clock."
+    time_base = self.source.time_base
+    shift, previous = round(self.start / time_base), None
+    for packet in self.input.demux(self.source):
+        if packet.size == 0 or packet.pts is None:
+            continue
+        if packet.pts * time_base >= self.end:
+            break
+        if self.start > 0 and (packet.pts + (packet.duration or 0)) * time_base <= self.start:
+            previous = packet
+            continue  # before the cut: its pre-roll
+        for kept in ([previous] if previous is not None else []) + [packet]:
+            kept.pts -= shift
+            if kept.dts is not None:
+                kept.dts -= shift
+            kept.stream = self.stream
+            yield float(kept.pts * time_base), kept
+        previous = None
+
+# %% ../nbs/33_localization_video.ipynb #8fe4d784
+@patch_to(SoundCopy)
+def encoded(self) -> Iterator[tuple[float, av.Packet]]:
+    "The input's decoded samples in the cut, as FLAC packets."
+    context = self.stream.codec_context
+    rate, layout, sample_format = context.sample_rate, context.layout.name, context.format.name
+    resampler = av.AudioResampler(
+        format=sample_format, layout=layout, rate=rate
+    )  # packed, the same rate
+    first = round(self.start * rate)
+    last = round(self.end * rate) if math.isfinite(self.end) else math.inf
+    position = None  # input sample index of the next decoded one
+    for frame in [*self.input.decode(self.source), None]:
+        if position is None and frame is not None:
+            position = round((frame.time or 0.0) * rate)
+        for chunk in resampler.resample(frame):
+            samples = chunk.to_ndarray().reshape(-1, context.channels)  # (n, C) interleaved
+            begin, stop = max(first, position), min(last, position + len(samples))
+            if stop > begin:
+                kept = np.ascontiguousarray(
+                    samples[begin - position : stop - position].reshape(1, -1)
+                )  # (1, n'C)
+                piece = av.AudioFrame.from_ndarray(kept, format=sample_format, layout=layout)
+                piece.sample_rate, piece.pts = rate, begin - first
+                for packet in self.stream.encode(piece):
+                    yield float(packet.pts * packet.time_base), packet
+            position += len(samples)
+    for packet in self.stream.encode(None):
+        yield float(packet.pts * packet.time_base), packet
 
 # %% ../nbs/33_localization_video.ipynb #10fd37b3
 @dataclass
@@ -782,7 +789,7 @@ class LocalizationVideo:
             f'{width}x{height}, sound {self.sound}'
         )
 
-
+# %% ../nbs/33_localization_video.ipynb #49d7fc28
 def output_frame_size(
     source: VideoSource,  # the video
     size: int | tuple[int, int] | None = None,  # None: the source's; an int: the height
@@ -828,6 +835,212 @@ def audio_stream_start(path) -> float:
         stream = container.streams.audio[0]
         return float((stream.start_time or 0) * (stream.time_base or 1))
 
+# %% ../nbs/33_localization_video.ipynb #9e296acd
+def _check_options(
+    model,
+    start: float,
+    duration: float | None,
+    pairing: str,
+    batch_size: int,
+    alpha: float,
+    cmap: str,
+):
+    "Refuse a bad argument, or a model without frame-aligned audio windows, before any file is read."
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ValueError(f"alpha must be a number in 0 .. 1, got {alpha!r}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    colour_table(cmap)  # an unknown name: now
+    check_cut(start, duration)
+    check_sync_model(model)
+
+
+def _check_inputs(
+    source: VideoSource,  # the video (`probe_video`)
+    out,  # the mp4 to write
+    start: float,  # s from the first frame
+    audio_from=None,  # the file the sound comes from instead
+) -> Path:  # `out` as a Path
+    "Refuse a cut past the video's end, a video without sound (unless `audio_from`), an output that is an input."
+    if start >= source.seconds:
+        raise ValueError(
+            f"start={start:g} s is past the end of {source.path}, which lasts {source.seconds:.2f} s"
+        )
+    if audio_from is None and not source.has_audio:
+        raise MediaError(
+            source.path,
+            'no audio stream: the maps need its sound (or the sound of another file: '
+            'audio_from= / --audio FILE)',
+        )
+    out = Path(out)
+    if out.resolve() in (source.path.resolve(), Path(audio_from or source.path).resolve()):
+        raise ValueError(f"{out}: the output would replace an input")
+    return out
+
+
+def _read_sound(source: VideoSource, config: PreprocessConfig, audio_from=None) -> SoundTrack:
+    "The sound the maps are computed from; a `MediaError` when it is shorter than one window of the model."
+    track = read_sound_track(source.path, config, audio_from)
+    if track.num_spectrogram_frames < config.window:
+        raise MediaError(
+            track.path,
+            f'the audio lasts {track.seconds:.2f} s, shorter than one audio window of the '
+            f'model ({config.window * FBANK_SHIFT_SECONDS:.2f} s)',
+        )
+    return track
+
+# %% ../nbs/33_localization_video.ipynb #fca5ce41
+@dataclass
+class _Cut:
+    "The frames of a cut and the audio window each one hears."
+
+    start: float  # s from the first frame, as asked
+    end: float  # s (inf: to the end)
+    wanted: range  # the frames' indices in `VideoSource.frame_times`
+    times: torch.Tensor  # (N,) float64 s of each frame from the source's first frame
+    centres: torch.Tensor  # (N,) int64 the fbank frame each frame's window is centred on
+    bounds: torch.Tensor  # (N, 2) int64 [start, end) of each frame's window
+    window: int  # L: fbank frames per window
+
+    def rows(self, batch: list) -> slice:
+        "Where a batch of decoded (index, image) frames sits in the cut's arrays."
+        return slice(batch[0][0] - self.wanted.start, batch[-1][0] - self.wanted.start + 1)
+
+
+def _plan_cut(
+    source: VideoSource,
+    track: SoundTrack,
+    config: PreprocessConfig,  # the model's preprocessing (target length, window)
+    start: float,  # s from the first frame
+    duration: float | None,  # s; None: to the end
+    pairing: str,  # `PAIRINGS`
+) -> _Cut:
+    "The frames shown from `start` for `duration` s and the window each hears; a `MediaError` when there are none."
+    end = math.inf if duration is None else start + duration
+    wanted = frames_in(source, start, end)
+    if not wanted:
+        raise MediaError(source.path, f'no frame is shown between {start:g} and {end:g} s')
+    times = torch.from_numpy(source.frame_times[wanted.start : wanted.stop])  # (N,)
+    centres = window_centre_frames(times, source.seconds, config.target_length, pairing)  # (N,)
+    bounds = frame_window_bounds(centres, track.num_spectrogram_frames, config.window)  # (N, 2)
+    return _Cut(start, end, wanted, times, centres, bounds, config.window)
+
+# %% ../nbs/33_localization_video.ipynb #7ff74bb3
+def _frame_maps(
+    model,
+    source: VideoSource,
+    track: SoundTrack,
+    cut: _Cut,
+    image_size: int,  # the model's frame size
+    batch_size: int,  # frames per encoder call
+    device,
+    precision: str,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # maps, cosines, levels
+    """First pass: the (N, h, w) maps and (N, F/p, L/p) audio patch cosines of the cut's frames, and the (B', 2) grey
+    range of each batch's windows."""
+    transform = eval_transform(image_size)
+    maps, cosines, levels = [], [], []
+    with tqdm(
+        total=len(cut.wanted),
+        desc=f'maps {source.path.name}',
+        unit='frame',
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for batch in batched(decoded_frames(source, cut.start, cut.end), batch_size):
+            images = torch.from_numpy(np.stack([image for _, image in batch])).permute(
+                0, 3, 1, 2
+            )  # (B, 3, H, W)
+            # the J distinct windows of the batch, once each, and the one each frame hears: (J,), (B,)
+            starts, heard = torch.unique(cut.bounds[cut.rows(batch), 0], return_inverse=True)
+            bounds = torch.stack([starts, starts + cut.window], dim=1)  # (J, 2)
+            windows = track.windows(bounds)  # (J, L, mel)
+            scores = score_frames(model, transform(images), windows, heard, device, precision)
+            maps.append(scores.maps)
+            cosines.append(scores.audio_patch_cosines)
+            levels.append(
+                torch.quantile(windows[:, ::4].flatten(), torch.tensor([0.01, 0.99]))
+            )  # grey range
+            bar.update(len(batch))
+    maps, cosines, levels = torch.cat(maps), torch.cat(cosines), torch.stack(levels)
+    if len(maps) != len(cut.wanted):
+        raise MediaError(
+            source.path,
+            f'{len(cut.wanted)} frames in the cut, {len(maps)} decoded: truncated or corrupt',
+        )
+    return maps, cosines, levels
+
+
+def _painted(
+    batch: list,  # decoded (index, image) frames at the output's size
+    track: SoundTrack,
+    cut: _Cut,
+    painter: Painter,
+    maps: torch.Tensor,  # (N, h, w)
+    cosines: torch.Tensor,  # (N, F/p, L/p)
+) -> Iterator[tuple[int, np.ndarray]]:  # (row in the cut, the output frame)
+    "Each frame of a batch painted with its map, its window and the window's patch cosines."
+    windows = track.windows(cut.bounds[cut.rows(batch)]).numpy()  # (B, L, mel)
+    for (index, image), window in zip(batch, windows):
+        i = index - cut.wanted.start
+        moment = float(cut.centres[i] - cut.bounds[i, 0]) / cut.window
+        drawn = painter.paint(
+            image, maps[i].numpy(), window, cosines[i].numpy(), moment, float(cut.times[i])
+        )
+        yield i, drawn
+
+# %% ../nbs/33_localization_video.ipynb #f5d01c2c
+def _write_localization(
+    out: Path,  # the mp4 to write
+    source: VideoSource,
+    track: SoundTrack,
+    cut: _Cut,
+    painter: Painter,
+    maps: torch.Tensor,  # (N, h, w) from `_frame_maps`
+    cosines: torch.Tensor,  # (N, F/p, L/p)
+    origin: float,  # s on the sound file's clock where the output's time 0 is (without the cut's start)
+    last_time: float,  # s: where the sound ends (inf: with the input's)
+    batch_size: int,
+    progress: bool,
+) -> str:  # how the sound got in (`SoundCopy.how`)
+    "Second pass: every frame of the cut painted and encoded as H.264, the sound muxed as the picture advances."
+    layout = painter.layout
+    with atomic_file(out) as partial:
+        with av.open(
+            str(partial), 'w', format='mp4', options={'movflags': 'faststart'}
+        ) as container:
+            picture = container.add_stream('libx264', rate=source.fps)
+            picture.width, picture.height = layout.size
+            picture.pix_fmt, picture.options = 'yuv420p', {'crf': '18', 'preset': 'veryfast'}
+            sound = SoundCopy(container, track.path, origin, float(cut.times[0]), last_time)
+            bar = tqdm(
+                total=len(cut.wanted),
+                desc=f'render {source.path.name}',
+                unit='frame',
+                disable=not progress,
+                leave=False,
+            )
+            try:
+                size = (layout.width, layout.height)
+                for batch in batched(decoded_frames(source, cut.start, cut.end, size), batch_size):
+                    for i, drawn in _painted(batch, track, cut, painter, maps, cosines):
+                        frame = av.VideoFrame.from_ndarray(drawn, format='rgb24')
+                        frame.pts = i
+                        for packet in picture.encode(frame):
+                            container.mux(packet)
+                        sound.write_until((i + 1) / float(source.fps))
+                    bar.update(len(batch))
+                for packet in picture.encode():
+                    container.mux(packet)
+                sound.write_until(math.inf)
+            finally:
+                sound.close()
+                bar.close()
+    return sound.how
+
 # %% ../nbs/33_localization_video.ipynb #c72f7048
 def localization_video(
     video,  # a video file with sound (or give `audio_from`)
@@ -847,160 +1060,52 @@ def localization_video(
 ) -> LocalizationVideo:
     """Every frame of `video` in the cut blended with its audio-visual similarity map, colour bars, and a strip of its
     audio window's spectrogram showing which audio patches match the frame; the input's sound track copied in."""
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise ValueError(f"alpha must be a number in 0 .. 1, got {alpha!r}")
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    colour_table(cmap)  # an unknown name: now
-    check_cut(start, duration)
-    check_sync_model(model)
+    _check_options(model, start, duration, pairing, batch_size, alpha, cmap)
     config = model_preprocess_config(model)
     source = probe_video(video)
-    if start >= source.seconds:
-        raise ValueError(
-            f"start={start:g} s is past the end of {source.path}, which lasts {source.seconds:.2f} s"
-        )
-    if audio_from is None and not source.has_audio:
-        raise MediaError(
-            source.path,
-            'no audio stream: the maps need its sound (or the sound of another file: '
-            'audio_from= / --audio FILE)',
-        )
-    out = Path(out)
-    if out.resolve() in (source.path.resolve(), Path(audio_from or source.path).resolve()):
-        raise ValueError(f"{out}: the output would replace an input")
+    out = _check_inputs(source, out, start, audio_from)
     width, height = output_frame_size(source, size)
-    track = read_sound_track(source.path, config, audio_from)
-    S, L = track.num_spectrogram_frames, config.window
-    if S < L:
-        raise MediaError(
-            track.path,
-            f'the audio lasts {track.seconds:.2f} s, shorter than one audio window of the '
-            f'model ({L * FBANK_SHIFT_SECONDS:.2f} s)',
-        )
-    end = math.inf if duration is None else start + duration
-    wanted = frames_in(source, start, end)
-    if not wanted:
-        raise MediaError(source.path, f'no frame is shown between {start:g} and {end:g} s')
+    track = _read_sound(source, config, audio_from)
+    cut = _plan_cut(source, track, config, start, duration, pairing)
     device = model_device(model, device)
-    transform = eval_transform(config.image_size)
-    times = torch.from_numpy(source.frame_times[wanted.start : wanted.stop])  # (N,)
-    centres = window_centre_frames(times, source.seconds, config.target_length, pairing)  # (N,)
-    bounds = frame_window_bounds(centres, S, L)  # (N, 2)
 
     began = time.perf_counter()
-    maps, cosines, levels = [], [], []
-    name = source.path.name
-    with tqdm(
-        total=len(wanted), desc=f'maps {name}', unit='frame', disable=not progress, leave=False
-    ) as bar:
-        for batch in batched(decoded_frames(source, start, end), batch_size):
-            rows = slice(batch[0][0] - wanted.start, batch[-1][0] - wanted.start + 1)
-            images = torch.from_numpy(np.stack([image for _, image in batch])).permute(
-                0, 3, 1, 2
-            )  # (B, 3, H, W)
-            starts, heard = torch.unique(bounds[rows, 0], return_inverse=True)  # (J,), (B,)
-            windows = track.windows(torch.stack([starts, starts + L], dim=1))  # (J, L, mel)
-            scores = score_frames(model, transform(images), windows, heard, device, precision)
-            maps.append(scores.maps)
-            cosines.append(scores.audio_patch_cosines)
-            levels.append(
-                torch.quantile(windows[:, ::4].flatten(), torch.tensor([0.01, 0.99]))
-            )  # grey range
-            bar.update(len(batch))
-    maps, cosines, levels = (
-        torch.cat(maps),
-        torch.cat(cosines),
-        torch.stack(levels),
-    )  # (N, h, w), (N, F/p, L/p)
-    if len(maps) != len(wanted):
-        raise MediaError(
-            source.path,
-            f'{len(wanted)} frames in the cut, {len(maps)} decoded: truncated or corrupt',
-        )
-    map_range, audio_range = (
-        (float(maps.min()), float(maps.max())),
-        (float(cosines.min()), float(cosines.max())),
-    )
+    maps, cosines, levels = _frame_maps(
+        model, source, track, cut, config.image_size, batch_size, device, precision, progress
+    )  # (N, h, w), (N, F/p, L/p), (B', 2)
+    map_range = (float(maps.min()), float(maps.max()))
+    audio_range = (float(cosines.min()), float(cosines.max()))
     seconds_maps = time.perf_counter() - began
 
     began = time.perf_counter()
     layout = frame_layout(width, height)
+    map_grid, patch_grid = tuple(maps.shape[1:]), tuple(cosines.shape[1:])
+    window_shape = (config.window, config.num_mel_bins)
+    grey = (float(levels[:, 0].min()), float(levels[:, 1].max()))  # the windows' darkest, brightest
     painter = Painter(
-        layout,
-        tuple(maps.shape[1:]),
-        (L, config.num_mel_bins),
-        tuple(cosines.shape[1:]),
-        map_range,
-        audio_range,
-        (float(levels[:, 0].min()), float(levels[:, 1].max())),
-        cmap,
-        alpha,
+        layout, map_grid, window_shape, patch_grid, map_range, audio_range, grey, cmap, alpha
     )
     origin = source.origin if audio_from is None else audio_stream_start(audio_from)
-    first_time = float(times[0])  # the output's time 0, and its end (frames, not `end`)
-    last_time = math.inf if duration is None else float(times[-1]) + 1 / float(source.fps)
-    with atomic_file(out) as partial:
-        with av.open(
-            str(partial), 'w', format='mp4', options={'movflags': 'faststart'}
-        ) as container:
-            picture = container.add_stream('libx264', rate=source.fps)
-            picture.width, picture.height = layout.size
-            picture.pix_fmt, picture.options = 'yuv420p', {'crf': '18', 'preset': 'veryfast'}
-            sound = SoundCopy(container, track.path, origin, first_time, last_time)
-            bar = tqdm(
-                total=len(wanted),
-                desc=f'render {name}',
-                unit='frame',
-                disable=not progress,
-                leave=False,
-            )
-            try:
-                for batch in batched(
-                    decoded_frames(source, start, end, (width, height)), batch_size
-                ):
-                    rows = slice(batch[0][0] - wanted.start, batch[-1][0] - wanted.start + 1)
-                    windows = track.windows(bounds[rows]).numpy()  # (B, L, mel)
-                    for (index, image), window in zip(batch, windows):
-                        i = index - wanted.start
-                        moment = float(centres[i] - bounds[i, 0]) / L
-                        drawn = painter.paint(
-                            image,
-                            maps[i].numpy(),
-                            window,
-                            cosines[i].numpy(),
-                            moment,
-                            float(times[i]),
-                        )
-                        frame = av.VideoFrame.from_ndarray(drawn, format='rgb24')
-                        frame.pts = i
-                        for packet in picture.encode(frame):
-                            container.mux(packet)
-                        sound.write_until((i + 1) / float(source.fps))
-                    bar.update(len(batch))
-                for packet in picture.encode():
-                    container.mux(packet)
-                sound.write_until(math.inf)
-            finally:
-                sound.close()
-                bar.close()
+    last_time = math.inf if duration is None else float(cut.times[-1]) + 1 / float(source.fps)
+    sound = _write_localization(
+        out, source, track, cut, painter, maps, cosines, origin, last_time, batch_size, progress
+    )
+    frames = len(cut.wanted)
     return LocalizationVideo(
         out,
         str(source.path),
-        len(wanted),
+        frames,
         source.fps,
-        len(wanted) / float(source.fps),
-        first_time,
+        frames / float(source.fps),
+        float(cut.times[0]),  # where it begins: the time of its first frame
         layout.size,
-        times,
-        bounds,
+        cut.times,
+        cut.bounds,
         maps,
         cosines,
         map_range,
         audio_range,
-        sound.how,
+        sound,
         str(track.path),
         pairing,
         seconds_maps,
@@ -1058,8 +1163,8 @@ def output_paths(
     return paths
 
 # %% ../nbs/33_localization_video.ipynb #9d53af4d
-def localize_cli(argv: list[str] | None = None):
-    "cavmae-sync-localize: for each video, a video of where its sound comes from, frame by frame, with the sound."
+def localize_parser() -> argparse.ArgumentParser:
+    "The arguments of `cavmae-sync-localize`; a bad one exits with one line (status 2) instead of the usage."
     prog = 'cavmae-sync-localize'
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -1121,20 +1226,32 @@ def localize_cli(argv: list[str] | None = None):
         '--device', default=None, help='cpu, cuda, ... (default: cuda if available)'
     )
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
-    args = parser.parse_args(argv)
+    return parser
+
+# %% ../nbs/33_localization_video.ipynb #fa63f27b
+def _cli_setup(args) -> tuple[list[Path], object]:  # where each video goes, the model
+    "Check every argument before any work, and load the model; a `ValueError` or `OSError` saying what is wrong."
+    outputs = output_paths(args.videos, args.output)
+    check_cut(args.start, args.duration)
+    colour_table(args.cmap)
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha must be in 0 .. 1, got {args.alpha}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+    model = load_model_file(checkpoint, device=check_device(args.device or 'auto'))
+    check_sync_model(model)
+    return outputs, model
+
+
+def localize_cli(argv: list[str] | None = None):
+    "cavmae-sync-localize: for each video, a video of where its sound comes from, frame by frame, with the sound."
+    parser = localize_parser()
+    prog, args = parser.prog, parser.parse_args(argv)
     try:
-        outputs = output_paths(args.videos, args.output)
-        check_cut(args.start, args.duration)
-        colour_table(args.cmap)
-        if not 0 <= args.alpha <= 1:
-            raise ValueError(f"--alpha must be in 0 .. 1, got {args.alpha}")
-        if args.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-        checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-        model = load_model_file(checkpoint, device=check_device(args.device or 'auto'))
-        check_sync_model(model)
+        outputs, model = _cli_setup(args)
     except (ValueError, OSError) as e:
         parser.exit(2, f'{prog}: {e}\n')
     failed = 0

@@ -422,9 +422,8 @@ def above_chance(
     return k > n * p and tail < alpha
 
 # %% ../nbs/16_metrics.ipynb #2c1d4544
-P_FLOOR = (
-    1e-10  # smallest p-value the float64 convolution resolves (its rounding error is about 1e-13)
-)
+# smallest p-value the float64 convolution resolves (its rounding error is about 1e-13)
+P_FLOOR = 1e-10
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import pandas as pd
 import torch
+from fastcore.basics import patch_to
 
 from . import __version__
 from .config import data_dir, project_root
@@ -111,9 +112,8 @@ class ClipKey:
     "Which clip an id names: its source video and, when the id says it, the segment's start."
 
     video: str  # the YouTube video id when the id has that form, else the whole id
-    start: float | None = (
-        None  # the segment's start (s): `glLQrEijrKg_000300` -> 300.0; None: the id names none
-    )
+    # the segment's start (s): `glLQrEijrKg_000300` -> 300.0; None: the id names none
+    start: float | None = None
 
 
 def clip_key(video_id: str) -> ClipKey:
@@ -153,7 +153,7 @@ def datafile_media(datafile) -> list[tuple[str, list[str]]]:
         rows.append((str(row['video_id']), files))
     return rows
 
-
+# %% ../nbs/34_protocol.ipynb #984e7cc6
 class ContentDigests:
     "SHA-256 of files' bytes (`checkpoint.file_sha256`), kept in a JSON file keyed by `files.file_identity`."
 
@@ -262,40 +262,36 @@ class ContaminationCheck:
             f"{len(self.renamed):,} by content under another id): their numbers are not those of held-out clips"
         )
 
-    def lines(self) -> list[str]:
-        "What the check found, in a few lines."
-        head = (
-            f"contamination check against {Path(self.train_datafile).name} ({self.train_clips:,} clips, "
-            f"datafile digest {self.train_digest})"
-        )
-        if self.clean:
-            found = (
-                f"none of the {self.checked:,} evaluation clips is in it, by video id or by content"
-            )
-        else:
-            shown = ', '.join(self.contaminated[:5]) + (
-                ' ...' if len(self.contaminated) > 5 else ''
-            )
-            found = (
-                f"{len(self.contaminated):,} of the {self.checked:,} evaluation clips are in it: "
-                f"{len(self.by_id):,} by video id, {len(self.renamed):,} by content under another id ({shown})"
-            )
-        content = f"content: {self.content}; {self.content_compared:,} evaluation clips compared"
-        if self.train_media_missing:
-            content += (
-                f"; {self.train_media_missing:,} training clips have no media here (by id only)"
-            )
-        lines = [f"{head}: {found}", content]
-        if self.same_video:
-            lines.append(
-                f"{len(self.same_video):,} more evaluation clips come from a YouTube video another segment "
-                "of which is in the training data (not counted)"
-            )
-        return lines
-
     @classmethod
     def from_dict(cls, data: dict) -> 'ContaminationCheck':
         return cls(**{**data, 'by_content': [ContentMatch(**m) for m in data['by_content']]})
+
+# %% ../nbs/34_protocol.ipynb #1050ec3c
+@patch_to(ContaminationCheck)
+def lines(self) -> list[str]:
+    "What the check found, in a few lines."
+    head = (
+        f"contamination check against {Path(self.train_datafile).name} ({self.train_clips:,} clips, "
+        f"datafile digest {self.train_digest})"
+    )
+    if self.clean:
+        found = f"none of the {self.checked:,} evaluation clips is in it, by video id or by content"
+    else:
+        shown = ', '.join(self.contaminated[:5]) + (' ...' if len(self.contaminated) > 5 else '')
+        found = (
+            f"{len(self.contaminated):,} of the {self.checked:,} evaluation clips are in it: "
+            f"{len(self.by_id):,} by video id, {len(self.renamed):,} by content under another id ({shown})"
+        )
+    content = f"content: {self.content}; {self.content_compared:,} evaluation clips compared"
+    if self.train_media_missing:
+        content += f"; {self.train_media_missing:,} training clips have no media here (by id only)"
+    lines = [f"{head}: {found}", content]
+    if self.same_video:
+        lines.append(
+            f"{len(self.same_video):,} more evaluation clips come from a YouTube video another segment "
+            "of which is in the training data (not counted)"
+        )
+    return lines
 
 # %% ../nbs/34_protocol.ipynb #41562a32
 def _evaluation_media(evaluated) -> list[tuple[str, list[str]]]:
@@ -540,9 +536,8 @@ class ProtocolCard:
     comparisons: list[Comparison]
     contamination: ContaminationCheck | None  # None: not checked (no training datafile given)
     caveats: list[str]  # what keeps these numbers from the paper's protocol, in words
-    strategy: str | None = (
-        None  # retrieval: the similarity behind the compared numbers (the table has all four)
-    )
+    # retrieval: the similarity behind the compared numbers (the table has all four)
+    strategy: str | None = None
     directions: dict = field(default_factory=dict)  # retrieval: {direction: what it ranks}
     table: str = ''  # the CSV it describes (set by `write`)
     version: str = __version__  # cavmae_sync's version that wrote it
@@ -578,40 +573,40 @@ class ProtocolCard:
     def read(cls, path) -> 'ProtocolCard':
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def lines(self) -> list[str]:
-        "The card's main lines, printed under the table."
-        c, g = self.checkpoint, self.gallery
-        source = g.source + (
-            f"; {g.missing:,} of its {g.listed:,} clips missing here"
-            if g.missing is not None
-            else ''
+# %% ../nbs/34_protocol.ipynb #9177d4d8
+@patch_to(ProtocolCard)
+def lines(self) -> list[str]:
+    "The card's main lines, printed under the table."
+    c, g = self.checkpoint, self.gallery
+    source = g.source + (
+        f"; {g.missing:,} of its {g.listed:,} clips missing here" if g.missing is not None else ''
+    )
+    where = f" of {self.table} ({card_path(self.table).name})" if self.table else ''
+    lines = [
+        f"Protocol card{where}, {self.task} on {self.dataset}:",
+        f"- checkpoint {Path(c.path).name}: sha256 {c.sha256}; {c.kind}; {c.architecture}; compared with "
+        f"{c.evaluated_as}'s published numbers",
+        f"- data: {Path(self.datafile).name}, datafile digest {self.datafile_digest}",
+        f"- gallery: {g.clips:,} clips scored (ids digest {g.digest}), {source}",
+    ]
+    if self.strategy:
+        lines.append(
+            f"- protocol: {self.strategy} similarity (the paper's numbers); "
+            + '; '.join(f"{d} = {meaning}" for d, meaning in self.directions.items())
         )
-        where = f" of {self.table} ({card_path(self.table).name})" if self.table else ''
-        lines = [
-            f"Protocol card{where}, {self.task} on {self.dataset}:",
-            f"- checkpoint {Path(c.path).name}: sha256 {c.sha256}; {c.kind}; {c.architecture}; compared with "
-            f"{c.evaluated_as}'s published numbers",
-            f"- data: {Path(self.datafile).name}, datafile digest {self.datafile_digest}",
-            f"- gallery: {g.clips:,} clips scored (ids digest {g.digest}), {source}",
-        ]
-        if self.strategy:
-            lines.append(
-                f"- protocol: {self.strategy} similarity (the paper's numbers); "
-                + '; '.join(f"{d} = {meaning}" for d, meaning in self.directions.items())
-            )
-        lines += [f"- {e.name}: {e.protocol}, {e.budget}; {e.precision}" for e in self.evaluations]
-        compared = {}  # (model, reference) -> its comparisons, in order
-        for c in self.comparisons:
-            compared.setdefault((c.model, c.reference), []).append(c)
-        for (model, reference), rows in compared.items():
-            differences = ', '.join(f"{_short(r.measure)} {r.difference:+.1f}" for r in rows)
-            lines.append(f"- {model} vs {reference}: {differences} points")
-        if self.contamination is None:
-            lines.append('- contamination: not checked (pass -p train_data <datafile>)')
-        else:
-            lines += [f"- {line}" for line in self.contamination.lines()]
-        lines += [f"- caveat: {caveat}" for caveat in self.caveats]
-        return lines
+    lines += [f"- {e.name}: {e.protocol}, {e.budget}; {e.precision}" for e in self.evaluations]
+    compared = {}  # (model, reference) -> its comparisons, in order
+    for c in self.comparisons:
+        compared.setdefault((c.model, c.reference), []).append(c)
+    for (model, reference), rows in compared.items():
+        differences = ', '.join(f"{_short(r.measure)} {r.difference:+.1f}" for r in rows)
+        lines.append(f"- {model} vs {reference}: {differences} points")
+    if self.contamination is None:
+        lines.append('- contamination: not checked (pass -p train_data <datafile>)')
+    else:
+        lines += [f"- {line}" for line in self.contamination.lines()]
+    lines += [f"- caveat: {caveat}" for caveat in self.caveats]
+    return lines
 
 # %% ../nbs/34_protocol.ipynb #f5135fc9
 def card_path(table_path) -> Path:
@@ -650,22 +645,13 @@ def _precision_caveats(evaluations: list[Evaluation], asked: dict) -> list[str]:
         if asked.get(e.name) == 'fp16' and not e.precision.startswith('fp16 autocast')
     ]
 
-# %% ../nbs/34_protocol.ipynb #10c9a9aa
-def retrieval_card(
-    table: pd.DataFrame,  # `RetrievalRun.table`: one row per model, strategy and direction
-    dataset: str,  # 'vggsound' or 'audioset'
-    checkpoint,  # the model file evaluated
-    test_datafile,  # the datafile the clips were read from
-    subset: RetrievalSubset,  # the clips chosen (`retrieval.evaluation_subset`)
-    scored_ids: Sequence[str],  # the ids actually scored (`ClipEmbeddings.video_ids`)
-    device,  # where the encoder ran
-    method: str = 'CAV-MAE Sync',  # the paper row the checkpoint is compared with
-    model=None,  # the loaded model (its `model_file`); None: the file is read again
-    contamination: ContaminationCheck | None = None,  # `contamination_check` of the gallery
-    strategy: str = 'diagonal_mean',  # the similarity behind the paper's numbers
-    precision: str = 'fp16',  # what the evaluation asked for (`retrieval.run_retrieval`'s default)
-) -> ProtocolCard:
-    "The protocol card of a real-data retrieval table."
+# %% ../nbs/34_protocol.ipynb #30dbd94c
+def _strategy_rows(
+    table: pd.DataFrame,  # `RetrievalRun.table`
+    strategy: str,  # the similarity behind the paper's numbers
+    scored_ids: Sequence[str],  # the ids actually scored
+) -> pd.DataFrame:  # the table's rows of that strategy
+    "The rows a retrieval card compares, refused when the strategy is unknown or absent, or scored other clips."
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown similarity strategy {strategy!r}; choose one of {STRATEGIES}")
     rows = table[table['strategy'] == strategy]
@@ -676,6 +662,11 @@ def retrieval_card(
     if set(rows['clips']) != {len(scored_ids)}:
         scored = ', '.join(map(str, sorted(set(rows['clips']))))
         raise ValueError(f"the table scored {scored} clips, but {len(scored_ids)} ids were given")
+    return rows
+
+
+def _published_retrieval(dataset: str, method: str) -> pd.DataFrame:
+    "The published retrieval numbers of `method` and TG-DP on `dataset`, in the order the tables list them."
     published = published_results(dataset)
     published = published[
         (published['task'] == RETRIEVAL_TASK) & published['method'].isin([method, 'TG-DP'])
@@ -684,7 +675,11 @@ def retrieval_card(
     published = published.assign(
         order=[order.index(key) for key in zip(published['direction'], published['metric'])]
     )
-    published = published.sort_values('order', kind='stable')
+    return published.sort_values('order', kind='stable')
+
+
+def _retrieval_comparisons(rows: pd.DataFrame, published: pd.DataFrame) -> list[Comparison]:
+    "Each model's number beside each published one of the same direction and metric."
     comparisons = []
     for name, ours in rows.groupby('model', sort=False):
         ours = ours.set_index('direction')
@@ -702,13 +697,11 @@ def retrieval_card(
                     r.source,
                 )
             )
-    evaluations = [
-        Evaluation(
-            name, 'zero-shot retrieval', 'none (zero-shot)', evaluation_precision(device, precision)
-        )
-        for name in dict.fromkeys(rows['model'])
-    ]
-    g = gallery(scored_ids, subset)
+    return comparisons
+
+
+def _gallery_caveats(g: Gallery, subset: RetrievalSubset) -> list[str]:
+    "What keeps the gallery from the paper's: another list, clips missing from it, fewer clips scored than chosen."
     caveats = []
     if not g.is_papers_subset:
         caveats.append(
@@ -722,6 +715,34 @@ def retrieval_card(
         caveats.append(
             f"{g.clips:,} of the {len(subset):,} chosen clips were scored (max_clips, or clips that failed)"
         )
+    return caveats
+
+# %% ../nbs/34_protocol.ipynb #10c9a9aa
+def retrieval_card(
+    table: pd.DataFrame,  # `RetrievalRun.table`: one row per model, strategy and direction
+    dataset: str,  # 'vggsound' or 'audioset'
+    checkpoint,  # the model file evaluated
+    test_datafile,  # the datafile the clips were read from
+    subset: RetrievalSubset,  # the clips chosen (`retrieval.evaluation_subset`)
+    scored_ids: Sequence[str],  # the ids actually scored (`ClipEmbeddings.video_ids`)
+    device,  # where the encoder ran
+    method: str = 'CAV-MAE Sync',  # the paper row the checkpoint is compared with
+    model=None,  # the loaded model (its `model_file`); None: the file is read again
+    contamination: ContaminationCheck | None = None,  # `contamination_check` of the gallery
+    strategy: str = 'diagonal_mean',  # the similarity behind the paper's numbers
+    precision: str = 'fp16',  # what the evaluation asked for (`retrieval.run_retrieval`'s default)
+) -> ProtocolCard:
+    "The protocol card of a real-data retrieval table."
+    rows = _strategy_rows(table, strategy, scored_ids)
+    comparisons = _retrieval_comparisons(rows, _published_retrieval(dataset, method))
+    evaluations = [
+        Evaluation(
+            name, 'zero-shot retrieval', 'none (zero-shot)', evaluation_precision(device, precision)
+        )
+        for name in dict.fromkeys(rows['model'])
+    ]
+    g = gallery(scored_ids, subset)
+    caveats = _gallery_caveats(g, subset)
     caveats += _precision_caveats(evaluations, {e.name: precision for e in evaluations})
     caveats += _contamination_caveats(contamination, g.clips)
     facts = checkpoint_facts(checkpoint, model, method)

@@ -36,9 +36,8 @@ __all__ = ['SILENCE_RMS', 'ZERO_REFERENCES', 'fbank_frames', 'check_offset_range
            'cached_tiny_model', 'resolve_checkpoint', 'offset_cli']
 
 # %% ../nbs/35_sync.ipynb #27f37741
-SILENCE_RMS = (
-    1e-3  # -60 dBFS: a clip whose audio RMS is below this is treated as silent (no estimate)
-)
+# -60 dBFS: a clip whose audio RMS is below this is treated as silent (no estimate)
+SILENCE_RMS = 1e-3
 
 
 def fbank_frames(
@@ -215,9 +214,8 @@ class OffsetInputs:
     frame_times: torch.Tensor  # (T,) float64 seconds from the first frame
     rms: float  # RMS of the waveform (silence check)
     audio_seconds: float  # length of the decoded audio that is kept (what any window can reach)
-    whole_audio_samples: int | None = (
-        None  # samples of all the decoded audio (it bounds the offsets); None: the kept
-    )
+    # samples of all the decoded audio (it bounds the offsets); None: the kept
+    whole_audio_samples: int | None = None
 
 
 def num_fbank_frames(num_samples: int, sample_rate: int) -> int:
@@ -289,9 +287,8 @@ class OffsetResult:
     # what offset 0 means: 'model' (the model's own frame-window pairing) or 'frames' (presentation
     # times)
     zero: str = 'model'
-    frames_needed: int | None = (
-        None  # frames an answer needed (`min_share` of the best-supported offset's)
-    )
+    # frames an answer needed (`min_share` of the best-supported offset's)
+    frames_needed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -415,6 +412,103 @@ def bank_spacing(model, bank_step: float | None = None) -> int:
         return int(getattr(getattr(model, 'config', None), 'patch_size', 16))
     return fbank_frames(bank_step, 'bank_step')
 
+# %% ../nbs/35_sync.ipynb #c1476f2a
+def _check_slides(config: PreprocessConfig):
+    "Refuse a model that hears the whole clip at once (the CAV-MAE baseline): it has no windows to slide."
+    if config.window >= config.target_length or config.num_frames < 2:
+        raise ValueError(
+            f"this model hears the whole clip at once (window {config.window} fbank frames, "
+            f"{config.num_frames} frame(s) "
+            "per clip, as the CAV-MAE baseline): it has no frame-aligned audio windows to slide, "
+            "so it cannot measure an offset"
+        )
+
+
+def _audio_length(
+    inputs: OffsetInputs,  # the decoded clip
+    config: PreprocessConfig,  # the model's preprocessing (sample rate)
+) -> tuple[int, float, float]:  # samples of all the decoded audio, its seconds, the clip's seconds
+    "How long the whole decoded audio is, and the clip: the longer of its audio and its frames' span."
+    whole_samples = inputs.whole_audio_samples
+    if whole_samples is None:
+        whole_samples = round(inputs.audio_seconds * config.sample_rate)
+    audio_seconds = whole_samples / config.sample_rate
+    return whole_samples, audio_seconds, max(audio_seconds, float(inputs.frame_times[-1]))
+
+
+def _check_reach(
+    max_offset: float,  # seconds asked for
+    step: float,  # seconds between offsets
+    step_frames: int,  # the step in fbank frames (`check_offset_range`)
+    reach: int,  # fbank frames: `offset_reach` of the clip
+    path: str,  # the clip, for the error ('' for decoded inputs)
+    clip_seconds: float,  # the longer of the audio and the frames' span
+    audio_seconds: float,  # the whole decoded audio
+    window: int,  # L: fbank frames per window
+):
+    "Refuse a `max_offset` past the clip's reach, before any grid is built."
+    reach_s, window_s = reach * FBANK_SHIFT_SECONDS, window * FBANK_SHIFT_SECONDS
+    beyond_reach = (
+        max_offset > reach_s + step  # checked first: no grid of 1e300 s
+        or math.floor(max_offset / step + 1e-9) * step_frames > reach
+    )
+    if beyond_reach:
+        where = f'{path}: ' if path else ''
+        raise ValueError(
+            f"{where}max_offset={max_offset:g} s is more than this clip can support: "
+            f"it lasts {clip_seconds:.2f} s ({audio_seconds:.2f} s of audio), and beyond {reach_s:.2f} s "
+            f"no frame's {window_s:.2f}-s audio window lies inside the audio; "
+            f"use a max_offset of at most {reach_s:.2f}"
+        )
+
+
+def _no_estimate(
+    inputs: OffsetInputs,  # the decoded clip
+    path: str,
+    zero: str,  # what offset 0 means
+    reason: str,  # why there is no estimate
+    max_offset: float,  # seconds: where the listed grid ends
+    step: float,  # seconds between offsets
+) -> OffsetResult:
+    "A result without an estimate, nothing encoded: the grid's offsets, a NaN curve and no frame's offset."
+    offsets_s = offset_grid(max_offset, step).double() * FBANK_SHIFT_SECONDS  # (K,)
+    K, T = len(offsets_s), inputs.frames.shape[0]
+    return OffsetResult(
+        path,
+        None,
+        None,
+        offsets_s,
+        torch.full((K,), torch.nan, dtype=torch.float64),
+        torch.zeros(K, dtype=torch.long),
+        torch.full((T,), torch.nan, dtype=torch.float64),
+        inputs.frame_times,
+        reason,
+        zero,
+    )
+
+# %% ../nbs/35_sync.ipynb #49c183a3
+def _pair_cosines(
+    model,  # a CAV-MAE Sync model
+    inputs: OffsetInputs,  # the decoded clip
+    bank: WindowBank,  # the windows to encode (`window_bank`)
+    window: int,  # L: fbank frames per window
+    device,  # default: the model's device
+    batch_size: int = 64,  # audio windows per encoder call
+    precision: str = 'fp16',  # CUDA autocast as in evaluation; fp32 on a CPU
+) -> torch.Tensor:  # (T, K) float64 each (frame, offset) pair's cosine; 0 where not `bank.valid`
+    "The frames encoded once, the bank's windows in batches, each pair's cosine read off the bank."
+    device = model_device(model, device)
+    with eval_mode(model):
+        with torch.inference_mode(), evaluation_autocast(device, precision):
+            frames = (
+                model.encode_video(inputs.frames.to(device)).embedding.float().cpu()
+            )  # (T, D), encoded once
+        frames = F.normalize(frames, dim=-1)
+        windows = encode_windows(
+            model, inputs.spectrogram, bank.starts, window, device, batch_size, precision
+        )  # (J, D)
+    return bank.read(frames @ windows.T)  # (T, J) -> (T, K)
+
 # %% ../nbs/35_sync.ipynb #a47ebb16
 def av_offset(
     video,  # a video file with an audio stream, or `OffsetInputs` already decoded
@@ -435,13 +529,7 @@ def av_offset(
     curve. A `max_offset` beyond the clip's reach (no frame's shifted window inside the audio) is refused before any
     grid is built."""
     config = model_preprocess_config(model)
-    if config.window >= config.target_length or config.num_frames < 2:
-        raise ValueError(
-            f"this model hears the whole clip at once (window {config.window} fbank frames, "
-            f"{config.num_frames} frame(s) "
-            "per clip, as the CAV-MAE baseline): it has no frame-aligned audio windows to slide, "
-            "so it cannot measure an offset"
-        )
+    _check_slides(config)
     step_frames = check_offset_range(max_offset, step)  # nothing built yet
     spacing = bank_spacing(model, bank_step)
     if zero not in ZERO_REFERENCES:
@@ -453,74 +541,26 @@ def av_offset(
     path = '' if decoded else str(getattr(video, 'path', video))
     T, L = inputs.frames.shape[0], config.window
     min_frames = max(2, T // 4) if min_frames is None else min_frames
-    whole_samples = inputs.whole_audio_samples
-    if whole_samples is None:
-        whole_samples = round(inputs.audio_seconds * config.sample_rate)
-    audio_seconds = whole_samples / config.sample_rate
-    clip_seconds = max(audio_seconds, float(inputs.frame_times[-1]))
-
-    def empty(reason, grid_end=max_offset):  # no estimate, nothing encoded
-        offsets_s = offset_grid(grid_end, step).double() * FBANK_SHIFT_SECONDS  # (K,)
-        K = len(offsets_s)
-        return OffsetResult(
-            path,
-            None,
-            None,
-            offsets_s,
-            torch.full((K,), torch.nan, dtype=torch.float64),
-            torch.zeros(K, dtype=torch.long),
-            torch.full((T,), torch.nan, dtype=torch.float64),
-            inputs.frame_times,
-            reason,
-            zero,
-        )
-
-    window_s = L * FBANK_SHIFT_SECONDS
+    whole_samples, audio_seconds, clip_seconds = _audio_length(inputs, config)
     if inputs.spectrogram.shape[0] < L:  # no offset is tried: the grid stops at the clip's length
-        return empty(
+        reason = (
             f'the audio lasts {inputs.audio_seconds:.2f} s, '
-            f'shorter than the model\'s window of {window_s:.2f} s',
-            min(max_offset, clip_seconds),
+            f'shorter than the model\'s window of {L * FBANK_SHIFT_SECONDS:.2f} s'
         )
+        return _no_estimate(inputs, path, zero, reason, min(max_offset, clip_seconds), step)
     centres = zero_centres(inputs.frame_times, config, zero)  # (T,) fbank frames
-    reach = offset_reach(
-        centres, num_fbank_frames(whole_samples, config.sample_rate), L
-    )  # fbank frames
-    reach_s = reach * FBANK_SHIFT_SECONDS
-    beyond_reach = (
-        max_offset > reach_s + step  # checked first: no grid of 1e300 s
-        or math.floor(max_offset / step + 1e-9) * step_frames > reach
-    )
-    if beyond_reach:
-        where = f'{path}: ' if path else ''
-        raise ValueError(
-            f"{where}max_offset={max_offset:g} s is more than this clip can support: "
-            f"it lasts {clip_seconds:.2f} s ({audio_seconds:.2f} s of audio), and beyond {reach_s:.2f} s "
-            f"no frame's {window_s:.2f}-s audio window lies inside the audio; "
-            f"use a max_offset of at most {reach_s:.2f}"
-        )
+    reach = offset_reach(centres, num_fbank_frames(whole_samples, config.sample_rate), L)
+    _check_reach(max_offset, step, step_frames, reach, path, clip_seconds, audio_seconds, L)
     if inputs.rms < SILENCE_RMS:
-        return empty(
-            f'the audio is silent (RMS {inputs.rms:.1e}, below {SILENCE_RMS:.0e} = -60 dBFS)'
-        )
+        reason = f'the audio is silent (RMS {inputs.rms:.1e}, below {SILENCE_RMS:.0e} = -60 dBFS)'
+        return _no_estimate(inputs, path, zero, reason, max_offset, step)
     offsets = offset_grid(max_offset, step)  # (K,) fbank frames, within reach
-    offsets_s = offsets.double() * FBANK_SHIFT_SECONDS
     bank = window_bank(centres, offsets, inputs.spectrogram.shape[0], L, spacing)
     if len(bank.starts) == 0:
-        return empty(
-            f'no frame\'s window fits inside the {inputs.audio_seconds:.2f} s of audio at any offset'
-        )
-    device = model_device(model, device)
-    with eval_mode(model):
-        with torch.inference_mode(), evaluation_autocast(device, precision):
-            frames = (
-                model.encode_video(inputs.frames.to(device)).embedding.float().cpu()
-            )  # (T, D), encoded once
-        frames = F.normalize(frames, dim=-1)
-        windows = encode_windows(
-            model, inputs.spectrogram, bank.starts, L, device, batch_size, precision
-        )  # (J, D)
-    cosines = bank.read(frames @ windows.T)  # (T, J) -> (T, K)
+        reason = f'no frame\'s window fits inside the {inputs.audio_seconds:.2f} s of audio at any offset'
+        return _no_estimate(inputs, path, zero, reason, max_offset, step)
+    cosines = _pair_cosines(model, inputs, bank, L, device, batch_size, precision)  # (T, K)
+    offsets_s = offsets.double() * FBANK_SHIFT_SECONDS
     result = score_offsets(
         cosines, bank.valid, offsets_s, min_frames, path, inputs.frame_times, min_share
     )

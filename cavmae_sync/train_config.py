@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
 
+from fastcore.basics import patch_to
+
 from .config import PreprocessConfig
 from .files import atomic_write_text
 from .checkpoint import file_sha256
@@ -48,17 +50,14 @@ def model_preset(name: str) -> ModelConfig:
 class TrainConfig:
     "Settings shared by pretraining and fine-tuning; every run writes them to `output_dir/config.json`."
 
-    model: ModelConfig = field(
-        default_factory=cavmae_sync
-    )  # the model (`--model NAME` starts from a preset, `--model.FIELD` changes one field)
+    # the model (`--model NAME` starts from a preset, `--model.FIELD` changes one field)
+    model: ModelConfig = field(default_factory=cavmae_sync)
     train_data: str = ''  # official-format datafile JSON of the training clips
     eval_data: str = ''  # datafile JSON of held-out clips for periodic evaluation ('' = none)
-    label_csv: str = (
-        ''  # label CSV (`index,mid,display_name`); '' = `labels.csv` beside the datafile if present
-    )
-    output_dir: str = (
-        'runs/train'  # checkpoints, config.json, train_log.csv, eval_log.csv and TensorBoard files
-    )
+    # label CSV (`index,mid,display_name`); '' = `labels.csv` beside the datafile if present
+    label_csv: str = ''
+    # checkpoints, config.json, train_log.csv, eval_log.csv and TensorBoard files
+    output_dir: str = 'runs/train'
     epochs: int = 25  # passes over the training set
     max_steps: int = 0  # optimizer steps of the whole run (0 = epochs x steps per epoch); the schedule spans them
     batch_size: int = 512  # samples per optimizer step, over all processes and accumulation steps
@@ -76,24 +75,21 @@ class TrainConfig:
     step_every_epochs: int = 5  # step schedule: epochs between two decays
     step_gamma: float = 0.5  # step schedule: factor of each decay
     optimizer: str = 'adamw'  # 'adamw' (decoupled weight decay) or 'adam' (L2 penalty, as CAV-MAE)
-    weight_decay: float = (
-        5e-7  # weight decay of weight matrices (biases, norms, tokens and embeddings get none)
-    )
+    # weight decay of weight matrices (biases, norms, tokens and embeddings get none)
+    weight_decay: float = 5e-7
     betas: tuple[float, float] = (0.95, 0.999)  # Adam betas
     grad_clip: float = 0.0  # clip the gradient norm to this value (0 = no clipping)
     # 'fp32', 'bf16' (autocast), 'fp16' (autocast + grad scaler); 'auto' = bf16 on GPUs that have
     # it, else fp32
     precision: str = 'auto'
-    grad_checkpointing: bool = (
-        False  # recompute activations in the backward pass (less memory, ~30% slower)
-    )
+    # recompute activations in the backward pass (less memory, ~30% slower)
+    grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = the local GPU under torchrun, else cuda if present,
     # else cpu
     device: str = 'auto'
-    num_workers: int | None = (
-        None  # DataLoader worker processes (None = 0 with the in-memory cache, else min(8, CPU cores))
-    )
+    # DataLoader worker processes (None = 0 with the in-memory cache, else min(8, CPU cores))
+    num_workers: int | None = None
     # 'memory': decode every clip once and keep it in memory; 'none': decode every step; 'auto':
     # memory if the set is small
     cache: str = 'auto'
@@ -101,16 +97,14 @@ class TrainConfig:
     # decoding)
     cache_max_gb: float = 4.0
     seed: int = 0  # seeds initialization, sample order, frame choice and masking
-    checkpoint_every: int = (
-        500  # steps between checkpoints (0 = only at epoch ends); `last.pt` is always the newest
-    )
+    # steps between checkpoints (0 = only at epoch ends); `last.pt` is always the newest
+    checkpoint_every: int = 500
     log_every: int = 10  # steps between rows of train_log.csv and TensorBoard points
     eval_every: int = 0  # steps between evaluations on eval_data (0 = at every epoch end); always after the last step
     eval_clips: int = 200  # clips of eval_data used for the periodic evaluation (0 = all)
     eval_batch_size: int = 32  # clips per batch when evaluating
-    max_minutes: float = (
-        0.0  # stop after this much wall-clock time, with a checkpoint (0 = no limit)
-    )
+    # stop after this much wall-clock time, with a checkpoint (0 = no limit)
+    max_minutes: float = 0.0
     # stop after this many optimizer steps of the schedule, with a checkpoint (0 = run it all);
     # --resume continues
     stop_after_steps: int = 0
@@ -129,20 +123,43 @@ class TrainConfig:
             self.model = ModelConfig.from_dict(self.model)
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        positive = (
+        _check_train_config(self)
+
+# %% ../nbs/18_train_config.ipynb #38465a6e
+def _check_signs(config, owner: str, positive: tuple = (), non_negative: tuple = ()):
+    "Each field of `positive` must be > 0 and each of `non_negative` >= 0; a message names `owner.field`."
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{owner}.{name} must be positive, got {getattr(config, name)!r}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(config, name)!r}")
+
+
+def _check_choices(config, owner: str, choices: dict):
+    "Each field named in `choices` must hold one of its allowed values."
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(
+                f"{owner}.{name} must be one of {allowed}, got {getattr(config, name)!r}"
+            )
+
+
+def _check_train_config(config: TrainConfig):
+    "The checks of `TrainConfig.__post_init__`: signs, the schedule's fractions, the choices, the batch split."
+    owner = type(config).__name__
+    _check_signs(
+        config,
+        owner,
+        positive=(
             'epochs',
             'batch_size',
             'accumulation_steps',
             'lr_reference_batch',
             'eval_batch_size',
             'step_every_epochs',
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(
-                    f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)!r}"
-                )
-        for name in (
+        ),
+        non_negative=(
             'max_steps',
             'checkpoint_every',
             'eval_every',
@@ -150,60 +167,58 @@ class TrainConfig:
             'cache_max_gb',
             'step_start_epoch',
             'log_every',
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)!r}"
-                )
-        if self.log_every == 0:
-            raise ValueError(f"{type(self).__name__}.log_every must be positive")
-        if not self.lr > 0:
-            raise ValueError(f"{type(self).__name__}.lr must be positive, got {self.lr!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.max_minutes < 0:
-            raise ValueError("weight_decay, grad_clip and max_minutes must be >= 0")
-        if not isinstance(self.stop_after_steps, int) or self.stop_after_steps < 0:
-            raise ValueError(f"stop_after_steps must be an int >= 0, got {self.stop_after_steps!r}")
-        choices = {
-            'schedule': ('cosine', 'step'),
-            'optimizer': ('adamw', 'adam'),
-            'precision': ('auto', 'fp32', 'bf16', 'fp16'),
-            'cache': ('auto', 'memory', 'none'),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{type(self).__name__}.{name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 or None, got {self.num_workers!r}")
-        if self.batch_size % self.accumulation_steps:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by accumulation_steps={self.accumulation_steps}"
-            )
+        ),
+    )
+    if config.log_every == 0:
+        raise ValueError(f"{owner}.log_every must be positive")
+    if not config.lr > 0:
+        raise ValueError(f"{owner}.lr must be positive, got {config.lr!r}")
+    if not 0 <= config.warmup_fraction < 1:
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {config.warmup_fraction!r}")
+    if not 0 <= config.final_lr_fraction <= 1:
+        raise ValueError(f"final_lr_fraction must be in [0, 1], got {config.final_lr_fraction!r}")
+    if config.weight_decay < 0 or config.grad_clip < 0 or config.max_minutes < 0:
+        raise ValueError("weight_decay, grad_clip and max_minutes must be >= 0")
+    if not isinstance(config.stop_after_steps, int) or config.stop_after_steps < 0:
+        raise ValueError(f"stop_after_steps must be an int >= 0, got {config.stop_after_steps!r}")
+    choices = {
+        'schedule': ('cosine', 'step'),
+        'optimizer': ('adamw', 'adam'),
+        'precision': ('auto', 'fp32', 'bf16', 'fp16'),
+        'cache': ('auto', 'memory', 'none'),
+    }
+    _check_choices(config, owner, choices)
+    if config.num_workers is not None and config.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 or None, got {config.num_workers!r}")
+    if config.batch_size % config.accumulation_steps:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not divisible by accumulation_steps={config.accumulation_steps}"
+        )
 
-    def to_dict(self) -> dict:
-        "Plain JSON-able settings (the model as a nested dict)."
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out['model'] = self.model.to_dict()
-        out['betas'] = list(self.betas)
-        return out
+# %% ../nbs/18_train_config.ipynb #c37556a4
+@patch_to(TrainConfig)
+def to_dict(self) -> dict:
+    "Plain JSON-able settings (the model as a nested dict)."
+    out = {f.name: getattr(self, f.name) for f in fields(self)}
+    out['model'] = self.model.to_dict()
+    out['betas'] = list(self.betas)
+    return out
 
-    @classmethod
-    def from_dict(cls, values: dict):
-        "Settings back from `to_dict()` (or a `config.json`); an unknown key is an error that names it."
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
-    def preprocess(self) -> PreprocessConfig:
-        "The data pipeline the model expects: `num_frames` frames per clip, each with an `audio_length`-frame window."
-        return self.model.preprocess_config()
+@patch_to(TrainConfig, cls_method=True)
+def from_dict(cls, values: dict):
+    "Settings back from `to_dict()` (or a `config.json`); an unknown key is an error that names it."
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@patch_to(TrainConfig)
+def preprocess(self) -> PreprocessConfig:
+    "The data pipeline the model expects: `num_frames` frames per clip, each with an `audio_length`-frame window."
+    return self.model.preprocess_config()
 
 # %% ../nbs/18_train_config.ipynb #2e742011
 @dataclass
@@ -236,9 +251,8 @@ class FinetuneConfig(TrainConfig):
     step_start_epoch: int = 2
     step_every_epochs: int = 1
     augment_frames: bool = True
-    head_lr_multiplier: float = (
-        10.0  # the classification head learns this many times faster than the encoder
-    )
+    # the classification head learns this many times faster than the encoder
+    head_lr_multiplier: float = 10.0
     # train on all T frames of each clip (needed to learn 'attention' aggregation) instead of one
     # random frame
     train_all_frames: bool = False
@@ -246,16 +260,13 @@ class FinetuneConfig(TrainConfig):
     # labels)
     mixup: float = 0.0
     mixup_alpha: float = 10.0  # mixing weights ~ Beta(alpha, alpha)
-    freqm: int = (
-        0  # SpecAugment: mask up to this many mel bins of each training spectrogram (0 = off)
-    )
-    timem: int = (
-        0  # SpecAugment: mask up to this many fbank frames of each training spectrogram (0 = off)
-    )
+    # SpecAugment: mask up to this many mel bins of each training spectrogram (0 = off)
+    freqm: int = 0
+    # SpecAugment: mask up to this many fbank frames of each training spectrogram (0 = off)
+    timem: int = 0
     label_smoothing: float = 0.0  # targets become targets x (1 - s) + s / num_classes
-    balanced_sampling: bool = (
-        False  # draw clips with weights inversely proportional to their labels' frequencies
-    )
+    # draw clips with weights inversely proportional to their labels' frequencies
+    balanced_sampling: bool = False
     # average the weights of every epoch from this one (1-based) to the last (0 = no averaging)
     average_from_epoch: int = 0
     probe_epochs: int = 100  # linear probe: epochs of the linear layer on the cached features
@@ -263,30 +274,29 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        choices = {
-            'method': ('finetune', 'linear_probe'),
-            'modality': ('multimodal', 'audio', 'video'),
-            'aggregation': ('mean', 'attention'),
-            'loss': ('auto', 'bce', 'ce'),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"FinetuneConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
-        if not 0 <= self.mixup <= 1:
-            raise ValueError(f"mixup is a probability, got {self.mixup!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        for name in ('freqm', 'timem', 'average_from_epoch'):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.average_from_epoch > self.epochs:
-            raise ValueError(
-                f"average_from_epoch={self.average_from_epoch} is after the last epoch ({self.epochs})"
-            )
-        if self.head_lr_multiplier <= 0 or self.mixup_alpha <= 0:
-            raise ValueError("head_lr_multiplier and mixup_alpha must be positive")
+        _check_finetune_config(self)
+
+# %% ../nbs/18_train_config.ipynb #1c5f8318
+def _check_finetune_config(config: FinetuneConfig):
+    "The checks `FinetuneConfig.__post_init__` adds: its choices, the augmentation's ranges, the averaging's start."
+    choices = {
+        'method': ('finetune', 'linear_probe'),
+        'modality': ('multimodal', 'audio', 'video'),
+        'aggregation': ('mean', 'attention'),
+        'loss': ('auto', 'bce', 'ce'),
+    }
+    _check_choices(config, 'FinetuneConfig', choices)
+    if not 0 <= config.mixup <= 1:
+        raise ValueError(f"mixup is a probability, got {config.mixup!r}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
+    _check_signs(config, 'FinetuneConfig', non_negative=('freqm', 'timem', 'average_from_epoch'))
+    if config.average_from_epoch > config.epochs:
+        raise ValueError(
+            f"average_from_epoch={config.average_from_epoch} is after the last epoch ({config.epochs})"
+        )
+    if config.head_lr_multiplier <= 0 or config.mixup_alpha <= 0:
+        raise ValueError("head_lr_multiplier and mixup_alpha must be positive")
 
 # %% ../nbs/18_train_config.ipynb #a507de4c
 def _parse_value(text: str, hint, key: str):

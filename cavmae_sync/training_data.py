@@ -39,9 +39,8 @@ def label_csv_for(config: TrainConfig, datafile) -> Path | None:
 
 
 class ShardsReadHere(ShardDataset):
-    """A `ShardDataset` that the process iterating it reads entirely, split over its own DataLoader
-    workers only, not over
-    the process group: the held-out evaluation runs on rank 0 while the other ranks wait."""
+    """A `ShardDataset` that the process iterating it reads entirely, split over its own DataLoader workers only,
+    not over the process group: the held-out evaluation runs on rank 0 while the other ranks wait."""
 
     split_over_processes = False
 
@@ -67,43 +66,36 @@ def spread_shards(
             return keep
     return list(dataset.shards)
 
-# %% ../nbs/22_training_data.ipynb #2f376ed8
-def clip_dataset(
-    config: TrainConfig,
-    datafile,
-    mode: str,
-    ctx: DistributedContext | None = None,
-    max_clips: int = 0,
-) -> Dataset:
-    """The clips of `datafile` (or of a shards folder, streamed) as the model of `config` reads
-    them, decoded once into memory
-    when `config.cache` says so. Shards in mode 'eval' are read whole by the process that iterates
-    them (`ShardsReadHere`);
-    `max_clips` keeps whole shards (`spread_shards`)."""
-    if is_shard_folder(datafile):
-        if config.model.frame_preset != 'released':
-            raise ValueError(
-                f"{datafile}: shards hold the released extraction's frames, so the model must record that preset "
-                f"(--model.frame_preset released; now {config.model.frame_preset!r}) to be fed the same frames later"
-            )
-        label_csv = Path(config.label_csv) if config.label_csv else None
-        classes = [mid for mid, _ in read_label_csv(label_csv)] if label_csv else None
-        if mode == 'train':
-            return ShardDataset(
-                datafile,
-                'train',
-                config.preprocess(),
-                classes=classes,
-                seed=config.seed,
-                augment=config.augment_frames,
-            )
-        if mode != 'eval':
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        dataset = ShardsReadHere(datafile, 'eval', config.preprocess(), classes=classes)
-        # sizes and clips from the index: no pass over the tar files
-        if max_clips and len(dataset) > max_clips:
-            dataset = dataset.subset(spread_shards(dataset, max_clips))
-        return dataset
+# %% ../nbs/22_training_data.ipynb #d37f799e
+def _shard_clips(config: TrainConfig, shards, mode: str, max_clips: int) -> ShardDataset:
+    "A shards folder as a stream: the training set (`ShardDataset`) or an evaluation set read whole (`ShardsReadHere`)."
+    if config.model.frame_preset != 'released':
+        raise ValueError(
+            f"{shards}: shards hold the released extraction's frames, so the model must record that preset "
+            f"(--model.frame_preset released; now {config.model.frame_preset!r}) to be fed the same frames later"
+        )
+    label_csv = Path(config.label_csv) if config.label_csv else None
+    classes = [mid for mid, _ in read_label_csv(label_csv)] if label_csv else None
+    if mode == 'train':
+        return ShardDataset(
+            shards,
+            'train',
+            config.preprocess(),
+            classes=classes,
+            seed=config.seed,
+            augment=config.augment_frames,
+        )
+    if mode != 'eval':
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    dataset = ShardsReadHere(shards, 'eval', config.preprocess(), classes=classes)
+    # sizes and clips from the index: no pass over the tar files
+    if max_clips and len(dataset) > max_clips:
+        dataset = dataset.subset(spread_shards(dataset, max_clips))
+    return dataset
+
+
+def _datafile_clips(config: TrainConfig, datafile, mode: str, max_clips: int) -> ClipDataset:
+    "A datafile's clips, decoded at every step: an evenly spread subset for `max_clips`, centre crops unless augmented."
     dataset = DatafileDataset(
         datafile,
         label_csv_for(config, datafile),
@@ -120,11 +112,17 @@ def clip_dataset(
             config.skip_errors,
             dataset.classes,
         )
-    augment = mode == 'train' and config.augment_frames
-    if mode == 'train' and not augment:
+    if mode == 'train' and not config.augment_frames:
         dataset = CentreCropTraining(
             dataset.sources, mode, dataset.config, config.skip_errors, dataset.classes
         )
+    return dataset
+
+# %% ../nbs/22_training_data.ipynb #c37a40c2
+def _kept_in_memory(
+    config: TrainConfig, dataset: ClipDataset, datafile, mode: str, ctx: DistributedContext | None
+) -> Dataset:
+    "`dataset` decoded once into memory (`DecodedClips`) when `config.cache` says so and it fits; else as it is."
     videos = all(
         s.video is not None and Path(s.video).suffix.lower() in VIDEO_EXTENSIONS
         for s in dataset.sources
@@ -134,15 +132,14 @@ def clip_dataset(
     workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
     if ctx is not None and ctx.distributed:
         workers = max(1, workers // ctx.world_size)
-    budget = (
-        config.cache_max_gb * 2**30 if config.cache == 'auto' else None
-    )  # 'memory' was asked for explicitly
+    # 'memory' was asked for explicitly: no budget
+    budget = config.cache_max_gb * 2**30 if config.cache == 'auto' else None
     try:
         return DecodedClips(
             dataset,
             num_workers=workers,
             progress=config.progress and (ctx is None or ctx.is_main),
-            augment=augment,
+            augment=mode == 'train' and config.augment_frames,
             max_bytes=budget,
         )
     except CacheBudgetExceeded as e:
@@ -152,3 +149,19 @@ def clip_dataset(
                 "are decoded at every step"
             )
         return dataset
+
+# %% ../nbs/22_training_data.ipynb #2f376ed8
+def clip_dataset(
+    config: TrainConfig,
+    datafile,
+    mode: str,
+    ctx: DistributedContext | None = None,
+    max_clips: int = 0,
+) -> Dataset:
+    """The clips of `datafile` (or of a shards folder, streamed) as the model of `config` reads them, decoded once
+    into memory when `config.cache` says so. Shards in mode 'eval' are read whole by the process that iterates them
+    (`ShardsReadHere`); `max_clips` keeps whole shards (`spread_shards`)."""
+    if is_shard_folder(datafile):
+        return _shard_clips(config, datafile, mode, max_clips)
+    dataset = _datafile_clips(config, datafile, mode, max_clips)
+    return _kept_in_memory(config, dataset, datafile, mode, ctx)

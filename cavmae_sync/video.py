@@ -181,9 +181,8 @@ class VideoFrames:
     num_video_frames: int  # frames in the video
     fps: float  # average frame rate
     backend: str  # 'decord' or 'pyav' (presets: 'pyav-released', 'pyav-cavmae')
-    jpegs: list | None = (
-        None  # presets that store frames as JPEG: each frame's file content (what `--extract` writes)
-    )
+    # presets that store frames as JPEG: each frame's file content (what `--extract` writes)
+    jpegs: list | None = None
 
 
 def _decord_error(error) -> str:
@@ -208,9 +207,8 @@ def _open_pyav(path):
         raise MediaError(path, f'unreadable or corrupt container ({e})') from e
 
 
-MISSING_FRAMES_ACCEPTED = (
-    2  # declared frames a playable upload may lack: containers often declare one or two more
-)
+# declared frames a playable upload may lack: containers often declare one or two more
+MISSING_FRAMES_ACCEPTED = 2
 MISSING_FRAMES_FRACTION = 0.01  # ... or 1% of a long video's declared count
 
 

@@ -15,7 +15,7 @@ import torch
 from cavmae_sync.checkpoint import load_checkpoint
 from distributed_driver import recorded_run
 from killed_training import killed_cli
-from training_setup import MINI_MODEL, cli
+from training_setup import MINI_MODEL, cli, RUN_FLAGS
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / 'distributed_driver.py'
@@ -31,20 +31,7 @@ def settings(clips: Path, out: Path, *extra) -> list[str]:
         str(clips / 'test.json'),
         '--output_dir',
         str(out),
-        '--batch_size',
-        '4',
-        '--lr',
-        '1e-3',
-        '--lr_reference_batch',
-        '4',
-        '--log_every',
-        '1',
-        '--progress',
-        'false',
-        '--tensorboard',
-        'false',
-        '--seed',
-        '3',
+        *RUN_FLAGS,
         '--max_steps',
         str(STEPS),
         '--checkpoint_every',

@@ -165,7 +165,7 @@ def test_pretraining_streams_shards_and_resumes_bit_for_bit(clips, tmp_path):
     from cavmae_sync.checkpoint import load_checkpoint
     from cavmae_sync.shards import write_shards
     from killed_training import killed_cli
-    from training_setup import MINI_MODEL, cli
+    from training_setup import MINI_MODEL, RUN_FLAGS, cli
 
     (tmp_path / 'train').mkdir()
     for video in sorted((clips / 'videos').glob('train_*.mp4')):
@@ -188,20 +188,7 @@ def test_pretraining_streams_shards_and_resumes_bit_for_bit(clips, tmp_path):
             str(tmp_path / 'shards'),
             '--output_dir',
             str(out),
-            '--batch_size',
-            '4',
-            '--lr',
-            '1e-3',
-            '--lr_reference_batch',
-            '4',
-            '--log_every',
-            '1',
-            '--progress',
-            'false',
-            '--tensorboard',
-            'false',
-            '--seed',
-            '3',
+            *RUN_FLAGS,
             '--num_workers',
             '2',
             '--max_steps',

@@ -22,7 +22,7 @@ from cavmae_sync import (
 from cavmae_sync.checkpoint import load_checkpoint
 from cavmae_sync.model import CAVMAESync
 from killed_training import killed_cli
-from training_setup import MINI_MODEL, cli
+from training_setup import MINI_MODEL, cli, RUN_FLAGS
 
 
 def pretrain_args(clips: Path, out: Path, *extra) -> list[str]:
@@ -34,20 +34,7 @@ def pretrain_args(clips: Path, out: Path, *extra) -> list[str]:
         str(clips / 'test.json'),
         '--output_dir',
         str(out),
-        '--batch_size',
-        '4',
-        '--lr',
-        '1e-3',
-        '--lr_reference_batch',
-        '4',
-        '--log_every',
-        '1',
-        '--progress',
-        'false',
-        '--tensorboard',
-        'false',
-        '--seed',
-        '3',
+        *RUN_FLAGS,
         *extra,
     ]
 
