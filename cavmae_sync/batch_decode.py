@@ -35,9 +35,8 @@ def draw_crop(
 ) -> tuple[int, int, int, int, bool]:  # (top, left, crop height, crop width, flip)
     """A random resized crop box and a coin for the horizontal flip, drawn as torchvision's
     RandomResizedCrop + RandomHorizontalFlip draw them."""
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # from `seed` alone: the same in any worker and after any restart
+    # from `seed` alone: the same in any worker and after any restart
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         top, left, h, w = RandomResizedCrop.get_params(
             torch.empty(0, height, width), list(scale), list(ratio)

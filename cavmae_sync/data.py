@@ -171,11 +171,11 @@ def load_clip(
     num_frames: int | None = None,  # T (default: config.num_frames, 16)
     window: int | None = None,  # L, fbank frames per audio window (default: config.window, 416)
     image_size: int | None = None,  # crop side (default: config.image_size, 224)
-    config: PreprocessConfig
-    | None = None,  # everything else: sample rate, mel bins, target length, statistics
+    # everything else: sample rate, mel bins, target length, statistics
+    config: PreprocessConfig | None = None,
     train: bool = False,  # training augmentation instead of resize + centre crop
-    positions: Sequence[int]
-    | None = None,  # which of the T frames to load (default all; training uses one)
+    # which of the T frames to load (default all; training uses one)
+    positions: Sequence[int] | None = None,
     audio_path=None,  # take the audio from this file instead of `path`
     threads: int = 1,  # decoder threads (1 suits DataLoader workers)
 ) -> Clip:
@@ -213,9 +213,8 @@ def count_extracted_frames(frame_root) -> int:
         if p.is_dir() and p.name.startswith('frame_') and p.name[len('frame_') :].isdigit()
     )
     missing = sorted(set(range(indices[-1] + 1)) - set(indices)) if indices else []
-    if (
-        missing
-    ):  # counting up to the gap would read every clip of the root from the wrong, fewer frames
+    # counting up to the gap would read every clip of the root from the wrong, fewer frames
+    if missing:
         raise MediaError(
             frame_root / f'frame_{missing[0]}',
             f"missing: the layout has frame folders up to frame_{indices[-1]} but not "
@@ -258,9 +257,8 @@ def load_clip_from_frames(
             frame_root / 'frame_0' / f'{video_id}.jpg', 'no extracted frames (no frame_0 folder)'
         )
     chosen = [t * extracted // config.num_frames for t in positions]  # extracted frame per position
-    if (
-        config.frame_preset == 'cavmae' and config.num_frames == 1
-    ):  # CAV-MAE evaluates on the middle frame
+    # CAV-MAE evaluates on the middle frame
+    if config.frame_preset == 'cavmae' and config.num_frames == 1:
         chosen = [min(CAVMAE_EVAL_FRAME, extracted - 1)]
     images = [
         _read_jpeg(frame_root / f'frame_{i}' / f'{video_id}.jpg') for i in chosen
@@ -331,8 +329,8 @@ class ReleasedExtraction:
 
 def released_extraction(
     path,  # a video file
-    config: PreprocessConfig
-    | None = None,  # num_frames, image_size, sample rate; frame_preset 'cavmae': CAV-MAE's 10 frames
+    # num_frames, image_size, sample rate; frame_preset 'cavmae': CAV-MAE's 10 frames
+    config: PreprocessConfig | None = None,
     quality: int = EXTRACTION_QUALITY,  # JPEG quality (the released extraction: PIL's default 75)
 ) -> ReleasedExtraction:
     """The files the released extractor writes for one clip, byte for byte: `--extract` writes them
@@ -358,8 +356,8 @@ def released_extraction(
 def extract_clip(
     path,
     out_dir,
-    config: PreprocessConfig
-    | None = None,  # num_frames, image_size, sample rate; frame_preset 'cavmae' for CAV-MAE's layout
+    # num_frames, image_size, sample rate; frame_preset 'cavmae' for CAV-MAE's layout
+    config: PreprocessConfig | None = None,
     quality: int = EXTRACTION_QUALITY,  # JPEG quality (the released extraction: PIL's default 75)
     video_id: str | None = None,
 ) -> dict:
@@ -874,9 +872,8 @@ class DatafileDataset(ClipDataset):
             wav = resolve(row['wav']) if row.get('wav') else None
             target = None
             if mids is not None:
-                if (
-                    not str(row.get('labels') or '').strip()
-                ):  # an all-zero target would be scored as class 0 / as a true negative everywhere
+                # an all-zero target would be scored as class 0 / as a true negative everywhere
+                if not str(row.get('labels') or '').strip():
                     raise ValueError(
                         f"{datafile}: row {k} (video_id {video_id!r}) has no labels, and "
                         f"{label_csv} gives this data set "

@@ -136,9 +136,8 @@ def media_fingerprint(dataset) -> str | None:
     clips, or of every shard a
     stream reads (its `shards`, e.g. a `shards.ShardDataset`'s, in the index's order); None when it names none."""
     shards = getattr(dataset, 'shards', None)
-    if isinstance(dataset, IterableDataset) and isinstance(
-        shards, (list, tuple)
-    ):  # a rewritten or added shard changes it
+    # a rewritten or added shard changes it
+    if isinstance(dataset, IterableDataset) and isinstance(shards, (list, tuple)):
         return hashlib.sha256(
             ''.join(file_identity(shard) + '\n' for shard in shards).encode()
         ).hexdigest()
@@ -308,8 +307,8 @@ def evaluation_autocast(
 
 @contextlib.contextmanager
 def eval_mode(
-    model: torch.nn.Module,
-):  # the module to run in eval mode (dropout off, no masking) for the block
+    model: torch.nn.Module,  # the module to run in eval mode (dropout off, no masking) for the block
+):
     "Run a block with `model` in eval mode, then give it back its training flag, also when the block raises."
     was_training = model.training
     model.eval()

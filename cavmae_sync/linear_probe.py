@@ -305,8 +305,8 @@ def _batch_features(
 def extract_features(
     model,  # a `CAVMAESync` (pooled embeddings) or a `CAVMAESyncClassifier`
     dataset,  # eval items {'audio', 'frames', 'labels'}
-    modality: str
-    | None = None,  # 'multimodal' (default) | 'audio' | 'video'; a classifier: its own
+    # 'multimodal' (default) | 'audio' | 'video'; a classifier: its own
+    modality: str | None = None,
     batch_size: int = 8,
     device=None,  # default: the model's
     num_workers: int = 0,

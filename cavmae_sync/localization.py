@@ -452,8 +452,8 @@ class ADE20KSound(torch.utils.data.Dataset):
         root,  # `ADE20KSoundPrompted/` or the folder that holds it
         config: PreprocessConfig | None = None,  # frames, windows and image size of the model
         check_files: bool = True,  # verify every image, mask and audio file exists
-        mask_resize: str = 'pil_nearest',
-    ):  # 'pil_nearest' (DenseAV's masks) or 'nearest_exact' (torchvision, tensors)
+        mask_resize: str = 'pil_nearest',  # 'pil_nearest' (DenseAV's masks) or 'nearest_exact' (torchvision, tensors)
+    ):
         root = _ade20k_root(root)
         if mask_resize not in MASK_RESIZE_RULES:
             raise ValueError(f"mask_resize must be one of {MASK_RESIZE_RULES}, got {mask_resize!r}")

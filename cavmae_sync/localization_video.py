@@ -313,8 +313,8 @@ def score_frames(
     model,  # a CAV-MAE Sync model
     frames: torch.Tensor,  # (B, 3, S, S) normalized frames
     windows: torch.Tensor,  # (J, L, mel) normalized fbank windows
-    heard: torch.Tensor
-    | None = None,  # (B,) int64 the window each frame hears; None: frame b hears b
+    # (B,) int64 the window each frame hears; None: frame b hears b
+    heard: torch.Tensor | None = None,
     device=None,  # default: where the model is
     precision: str = 'fp16',  # CUDA autocast as in evaluation; a CPU computes in fp32
 ) -> FrameScores:

@@ -480,8 +480,8 @@ class Gallery:
 
 def gallery(
     scored_ids: Sequence[str],  # the ids actually scored
-    subset: RetrievalSubset
-    | None = None,  # the list they were chosen from (None: a test datafile, all of it)
+    # the list they were chosen from (None: a test datafile, all of it)
+    subset: RetrievalSubset | None = None,
 ) -> Gallery:
     "The gallery of a result: its ids and their digest, and the list it comes from with the count of its missing clips."
     ids = [str(i) for i in scored_ids]

@@ -442,8 +442,8 @@ def testbed_checkpoints(
     batch_size: int = 32,  # clips per step
     seed: int = 0,  # one seed for every model
     evaluations: int = 5,  # held-out retrieval evaluations during each run (the learning curve)
-    max_minutes: float
-    | None = None,  # a guard per model: past it, stop and warn (a later call resumes)
+    # a guard per model: past it, stop and warn (a later call resumes)
+    max_minutes: float | None = None,
     retrain: bool = False,  # True: train every model on this machine, never the shipped ones (`testbed.SHIPPED_DIR`)
     progress: bool = False,
     **overrides,  # other PretrainConfig fields of every model (part of their cache key)

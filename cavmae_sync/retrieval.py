@@ -68,8 +68,8 @@ def similarity(
     audio: torch.Tensor,  # (Na, T, D) audio embeddings, L2-normalized per frame
     video: torch.Tensor,  # (Nv, T, D) visual embeddings, L2-normalized per frame
     strategy: str = 'diagonal_mean',  # one of `STRATEGIES`
-    chunk_size: int
-    | None = None,  # audio clips per block (`diagonal_max`, `max`); None: from `memory_budget`
+    # audio clips per block (`diagonal_max`, `max`); None: from `memory_budget`
+    chunk_size: int | None = None,
     memory_budget: int = 256 * 2**20,  # bytes for one block's intermediate scores
 ) -> torch.Tensor:  # (Na, Nv) float32: rows are audio clips, columns video clips
     "Clip-to-clip similarity of T-frame audio and visual embeddings, reduced over frames by `strategy`."

@@ -576,15 +576,16 @@ class ShardDataset(IterableDataset):
         self,
         source,  # a folder written by `write_shards` (all parts), or a list of tar files
         mode: str = 'train',  # 'train': one random frame + window per clip; 'eval': all T
-        config: PreprocessConfig
-        | None = None,  # window, image_size, num_frames (must match the shards' T)
-        classes: Sequence[str]
-        | None = None,  # class names for multi-hot `labels` (None: no labels)
+        # window, image_size, num_frames (must match the shards' T)
+        config: PreprocessConfig | None = None,
+        # class names for multi-hot `labels` (None: no labels)
+        classes: Sequence[str] | None = None,
         shuffle_buffer: int = 256,  # samples mixed within a consumer (train mode; 0: shard order)
         seed: int = 0,
         augment: bool = False,  # train mode: random resized crop + flip (else resize + centre crop, as evaluation)
+        # yield `RawSample`s (JPEG bytes + 16-bit PCM) for `batch_decode.BatchDecoder`: the worker only reads
         raw: bool = False,
-    ):  # yield `RawSample`s (JPEG bytes + 16-bit PCM) for `batch_decode.BatchDecoder`: the worker only reads
+    ):
         if mode not in ('train', 'eval'):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.mode, self.config, self.source = mode, config or PreprocessConfig(), source

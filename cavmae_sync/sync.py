@@ -519,8 +519,8 @@ def av_offset(
     device=None,  # default: the model's device
     batch_size: int = 64,  # audio windows per encoder call
     precision: str = 'fp16',  # CUDA autocast as in evaluation; fp32 on a CPU
-    bank_step: float
-    | None = None,  # seconds between encoded windows (default: one audio patch, 0.16 s); 0.01: exact
+    # seconds between encoded windows (default: one audio patch, 0.16 s); 0.01: exact
+    bank_step: float | None = None,
     zero: str = 'model',  # offset 0: 'model' (the pairing the model was trained with) or 'frames' (presentation times)
     min_share: float = 2
     / 3,  # an answer needs this share of the frames of the best-supported offset

@@ -121,8 +121,8 @@ def pretrained_tiny(
     batch_size: int = 32,  # samples per optimizer step (the lr is given at batch 32 and scales linearly)
     seed: int = 0,  # seeds initialization, sample order, frame choice and masking
     evaluations: int = 5,  # held-out retrieval evaluations, evenly spread (the last after the last step)
-    max_minutes: float
-    | None = None,  # guard only: past it training stops with a checkpoint and a warning; a later call resumes
+    # guard only: past it training stops with a checkpoint and a warning; a later call resumes
+    max_minutes: float | None = None,
     retrain: bool = False,  # True: never the shipped model; the one trained on this machine (trained now if not cached)
     progress: bool = True,
     **overrides,  # other PretrainConfig fields (part of the cache key)

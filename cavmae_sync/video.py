@@ -376,8 +376,8 @@ def read_frames(
     positions: Sequence[int] | None = None,  # which of the T frames to decode (default: all)
     max_duration: float | None = None,  # cap on the sampled span in seconds (None: the whole video)
     threads: int = 1,  # decoder threads; 1 suits DataLoader workers, 0 lets the decoder choose
-    max_pixels: int
-    | None = None,  # refuse larger frames before decoding (None: `MAX_FRAME_PIXELS`)
+    # refuse larger frames before decoding (None: `MAX_FRAME_PIXELS`)
+    max_pixels: int | None = None,
 ) -> VideoFrames:
     "Decode frames t = 0 .. T-1 (or `positions` of them), frame t being the one on screen at t * duration / T."
     path = check_media_file(path)
@@ -459,8 +459,8 @@ def check_frame_preset(preset: str) -> str:
 
 def declared_frame_count(
     path,
-    max_pixels: int
-    | None = None,  # also refuse frames above this size (`check_frame_size`), in the same open
+    # also refuse frames above this size (`check_frame_size`), in the same open
+    max_pixels: int | None = None,
 ) -> tuple[int, float]:
     "(N, fps) as OpenCV reports them: the container's declared frame count, else duration x rate."
     with _open_pyav(path) as container:

@@ -22,7 +22,6 @@ from cavmae_sync.reproduce import (
     check_dataset,
     data_file,
     missing_media,
-    paired_bootstrap,
     require_video_data,
 )
 
@@ -161,8 +160,9 @@ from cavmae_sync.claims import (
     localization_claim,
     trained_check,
 )
-from cavmae_sync.metrics import PairedGain, above_chance
-from cavmae_sync.reproduce import cache_lock, in_test, quick_sizes
+from cavmae_sync.files import cache_lock
+from cavmae_sync.metrics import PairedGain, above_chance, paired_bootstrap
+from cavmae_sync.reproduce import in_test, quick_sizes
 
 from cavmae_sync.retrieval import DIRECTIONS, RetrievalEvidence
 
@@ -337,7 +337,7 @@ def test_cache_lock_excludes_another_process(monkeypatch, tmp_path):
 
     monkeypatch.setenv('CAVMAE_SYNC_DATA', str(tmp_path))
     script = (
-        "import time; from cavmae_sync.reproduce import cache_lock\n"
+        "import time; from cavmae_sync.files import cache_lock\n"
         "with cache_lock('models'): print(time.time(), flush=True)"
     )
     with cache_lock('models'):
