@@ -23,6 +23,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'cavmae_sync/audio.py'),
                                    'cavmae_sync.audio.mel_filterbank': ('audio.html#mel_filterbank', 'cavmae_sync/audio.py'),
                                    'cavmae_sync.audio.mel_scale': ('audio.html#mel_scale', 'cavmae_sync/audio.py'),
+                                   'cavmae_sync.audio.model_spectrogram': ('audio.html#model_spectrogram', 'cavmae_sync/audio.py'),
                                    'cavmae_sync.audio.stream_start_offset': ('audio.html#stream_start_offset', 'cavmae_sync/audio.py'),
                                    'cavmae_sync.audio.window_bounds': ('audio.html#window_bounds', 'cavmae_sync/audio.py'),
                                    'cavmae_sync.audio.window_centres': ('audio.html#window_centres', 'cavmae_sync/audio.py')},

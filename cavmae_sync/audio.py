@@ -24,12 +24,13 @@ from cavmae_sync.config import (
     AUDIO_STD,
     NUM_FRAMES,
     WINDOW,
+    PreprocessConfig,
 )
 
 # %% auto #0
 __all__ = ['LOG_FLOOR', 'START_OFFSET_TOLERANCE', 'mel_scale', 'mel_filterbank', 'mel_center_frequencies', 'kaldi_fbank',
-           'stream_start_offset', 'load_audio', 'clip_fbank', 'clip_spectrogram', 'window_centres', 'window_bounds',
-           'frame_windows', 'AudioStats', 'audio_stats']
+           'stream_start_offset', 'load_audio', 'clip_fbank', 'clip_spectrogram', 'model_spectrogram', 'window_centres',
+           'window_bounds', 'frame_windows', 'AudioStats', 'audio_stats']
 
 # %% ../nbs/04_audio.ipynb #1e258908
 def mel_scale(freq):
@@ -363,6 +364,23 @@ def clip_spectrogram(
     if not std > 0:
         raise ValueError(f"std must be positive, got {std}")
     return (clip_fbank(waveform, sample_rate, target_length, num_mel_bins) - mean) / std
+
+# %% ../nbs/04_audio.ipynb #acae54e37e7d407bbb7b55eff062a284
+def model_spectrogram(
+    waveform: torch.Tensor,  # (N,) or (1, N) samples at `config.sample_rate`
+    config: PreprocessConfig,  # sample rate, target length, normalization statistics, mel bins
+    target_length: int | None = None,  # fbank frames (None: `config.target_length`)
+) -> torch.Tensor:  # (target_length, num_mel_bins) float32
+    "`clip_spectrogram` with every setting read from the model's preprocessing configuration."
+    length = config.target_length if target_length is None else target_length
+    return clip_spectrogram(
+        waveform,
+        config.sample_rate,
+        length,
+        config.audio_mean,
+        config.audio_std,
+        config.num_mel_bins,
+    )
 
 # %% ../nbs/04_audio.ipynb #3820b4ab
 def window_centres(

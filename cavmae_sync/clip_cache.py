@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, DataLoader
 
 from .config import PreprocessConfig, MediaError
 from .files import file_identity
-from .audio import clip_spectrogram, window_bounds
+from .audio import model_spectrogram, window_bounds
 from .video import check_media_file, train_transform, eval_transform, VIDEO_EXTENSIONS
 from .data import ClipDataset, ClipSource, read_clip_frames, read_clip_audio
 
@@ -30,14 +30,7 @@ def _decode_raw(source: ClipSource, config: PreprocessConfig) -> dict:
     audio_path = Path(source.audio) if source.audio is not None else path
     try:
         waveform = read_clip_audio(path, config, source.audio)  # as `data.load_clip` reads it
-        spectrogram = clip_spectrogram(
-            waveform,
-            config.sample_rate,
-            config.target_length,
-            config.audio_mean,
-            config.audio_std,
-            config.num_mel_bins,
-        )  # (S, mel)
+        spectrogram = model_spectrogram(waveform, config)  # (S, mel)
     except ValueError as e:
         if isinstance(e, MediaError):
             raise

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import MediaError, PreprocessConfig
 from .files import atomic_file
-from .audio import load_audio, clip_spectrogram, window_bounds
+from .audio import load_audio, model_spectrogram, window_bounds
 from cavmae_sync.video import (
     VIDEO_EXTENSIONS,
     check_media_file,
@@ -104,14 +104,7 @@ def frame_transform(image_size: int, train: bool) -> FrameTransform:
 def audio_windows(waveform, audio_path, config, positions):
     "Normalized spectrogram of the whole clip, cut into the windows of `positions`: ((K, L, mel), (K, 2))."
     try:
-        spectrogram = clip_spectrogram(
-            waveform,
-            config.sample_rate,
-            config.target_length,
-            config.audio_mean,
-            config.audio_std,
-            config.num_mel_bins,
-        )  # (S, mel), computed once
+        spectrogram = model_spectrogram(waveform, config)  # (S, mel), computed once
     except ValueError as e:
         raise MediaError(audio_path, f'audio stream too short: {e}') from e
     bounds = window_bounds(spectrogram.shape[0], config.num_frames, config.window)[

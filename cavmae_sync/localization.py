@@ -549,17 +549,10 @@ def load_mask(self, i: int) -> torch.Tensor:
 @patch_to(ADE20KSound)
 def load_audio_windows(self, i: int) -> torch.Tensor:
     "(T, L, mel) normalized fbank windows of the sound prompt."
-    from cavmae_sync.audio import load_audio, clip_spectrogram, frame_windows
+    from cavmae_sync.audio import load_audio, model_spectrogram, frame_windows
 
     c = self.config
-    spectrogram = clip_spectrogram(
-        load_audio(self.audio_path(i), c.sample_rate),
-        c.sample_rate,
-        c.target_length,
-        c.audio_mean,
-        c.audio_std,
-        c.num_mel_bins,
-    )  # (S, mel)
+    spectrogram = model_spectrogram(load_audio(self.audio_path(i), c.sample_rate), c)  # (S, mel)
     return frame_windows(spectrogram, c.num_frames, c.window)  # (T, L, mel)
 
 # %% ../nbs/28_localization.ipynb #62a1ddd9

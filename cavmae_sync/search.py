@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import MediaError
 from .files import file_identity, owner_lock
 from .devices import model_device
-from .audio import clip_spectrogram, frame_windows
+from .audio import model_spectrogram, frame_windows
 from .data import read_clip_audio
 from .video import VIDEO_EXTENSIONS, check_media_file, eval_transform
 from .checkpoint import safe_load, load_model_file, nonfinite_tensors
@@ -492,14 +492,7 @@ def embed_audio_file(
                 f"with silence to {config.target_length * FBANK_SHIFT:.2f} s, so every window is mostly silence"
             )
         )
-    spectrogram = clip_spectrogram(
-        waveform,
-        config.sample_rate,
-        config.target_length,
-        config.audio_mean,
-        config.audio_std,
-        config.num_mel_bins,
-    )  # (S, mel)
+    spectrogram = model_spectrogram(waveform, config)  # (S, mel)
     windows = frame_windows(spectrogram, config.num_frames, config.window)  # (T, L, mel)
     device = model_device(model, device)
     model.eval()

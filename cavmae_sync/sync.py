@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import MediaError, PreprocessConfig, data_dir
 from .devices import check_device, model_device
-from .audio import clip_spectrogram, load_audio, window_centres
+from .audio import model_spectrogram, load_audio, window_centres
 from .data import FBANK_SHIFT_SECONDS, read_clip_frames, read_clip_audio
 from .video import check_media_file, eval_transform, write_video
 from .embeddings import model_preprocess_config, evaluation_autocast, eval_mode
@@ -247,14 +247,7 @@ def decode_for_offset(
     rms = float(waveform.double().square().mean().sqrt()) if waveform.numel() else 0.0
     count = num_fbank_frames(waveform.numel(), config.sample_rate)
     spectrogram = (
-        clip_spectrogram(
-            waveform,
-            config.sample_rate,
-            count,
-            config.audio_mean,
-            config.audio_std,
-            config.num_mel_bins,
-        )
+        model_spectrogram(waveform, config, target_length=count)
         if count
         else torch.zeros(0, config.num_mel_bins)
     )  # (count, mel): no padding
