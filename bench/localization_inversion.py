@@ -40,30 +40,27 @@ def maps_of(audio, tokens, definition, audio_mean):
     return maps.reshape(-1, side, side)  # (T, S, S)
 
 
-def frame_statistics(maps, truth):
-    "(contrasts, own-peak flags) over the frames whose sounding object is the only lit one."
+def scored_frames(maps, truth):
+    """The maps (F, S, S) of the frames whose sounding object is the only lit one and which show another object,
+    with the sounding object's masks and every object's (F, S, S) bool."""
     import torch
     import torch.nn.functional as F
 
     side = maps.shape[-1]
     masks = torch.from_numpy(truth.object_masks).float()  # (O, T, H, W)
     masks = F.interpolate(masks, size=(side, side), mode='nearest').bool()  # (O, T, S, S)
-    contrasts, own_peaks = [], []
+    frames = []
     for t in range(maps.shape[0]):
         sounding = int(truth.sounding_object[t])
         if sounding < 0 or truth.object_active[:, t].sum() != 1:
             continue
-        frame = maps[t].double()
-        own = masks[sounding, t]
-        others = masks[:, t].any(0) & ~own
-        if own.sum() == 0 or others.sum() == 0:
-            continue
-        spread = frame.std().clamp(min=1e-12)
-        contrasts.append(float((frame[own].mean() - frame[others].mean()) / spread))
-        peak = int(frame.argmax())
-        if masks[:, t].flatten(1)[:, peak].any():
-            own_peaks.append(bool(own.flatten()[peak]))
-    return contrasts, own_peaks
+        own, any_object = masks[sounding, t], masks[:, t].any(0)  # (S, S), (S, S)
+        if own.any() and (any_object & ~own).any():
+            frames.append((t, own, any_object))
+    if not frames:
+        return maps[:0], masks[0, :0], masks[0, :0]
+    times, own, any_object = zip(*frames)
+    return maps[list(times)], torch.stack(own), torch.stack(any_object)
 
 
 def main():
@@ -76,13 +73,14 @@ def main():
     )
     parser.add_argument('--max-clips', type=int, default=60)
     args = parser.parse_args()
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from cavmae_sync.checkpoint import load_model_file
     from cavmae_sync.data import DatafileDataset
     from cavmae_sync.embeddings import model_preprocess_config
     from cavmae_sync.synthetic import SyntheticDataset
+    from cavmae_sync.testbed_localization import PeakCounts, pointing_hits
+    from localization_search import object_contrast  # the same statistic the search records
 
     torch.set_num_threads(1)
     model = load_model_file(args.checkpoint).eval()
@@ -103,30 +101,34 @@ def main():
             )
     audio = torch.cat([a for _, a, _ in encoded])  # (clips * T, D)
     audio_mean = audio.mean(0)  # (D,)
-    found = {name: ([], []) for name in DEFINITIONS}
+    found = {name: [] for name in DEFINITIONS}
     for k, (video_id, own_audio, tokens) in enumerate(encoded):
         truth = testbed.ground_truth(video_id)
         other_audio = encoded[(k + 7) % len(encoded)][1]
         for name in DEFINITIONS:
             query = other_audio if name == 'another clip audio' else own_audio
             definition = 'own audio' if name == 'another clip audio' else name
-            contrasts, peaks = frame_statistics(
-                maps_of(query, tokens, definition, audio_mean), truth
-            )
-            found[name][0].extend(contrasts)
-            found[name][1].extend(peaks)
+            maps = maps_of(query, tokens, definition, audio_mean)  # (T, S, S)
+            found[name].append(scored_frames(maps, truth))
+    if not sum(len(maps) for maps, _, _ in found['own audio']):
+        raise SystemExit(
+            f"{args.testbed}: no test frame shows its sounding object as the only lit one (decoys drawn with their "
+            "sources, decoy_coupling 1?): use a loosely coupled testbed"
+        )
     result = {
         'checkpoint': str(args.checkpoint),
         'testbed': args.testbed.name,
         'clips': len(encoded),
-        'frames': len(found['own audio'][0]),
+        'frames': sum(len(maps) for maps, _, _ in found['own audio']),
         'audio_cos_with_mean': round(float(F.cosine_similarity(audio, audio_mean[None]).mean()), 3),
         'machine': f'{platform.machine()}, {__import__("os").cpu_count()} cores',
     }
-    for name, (contrasts, peaks) in found.items():
+    for name, parts in found.items():
+        maps, own, any_object = (torch.cat(tensors) for tensors in zip(*parts))
+        peaks = PeakCounts(pointing_hits(maps, own), pointing_hits(maps, any_object))
         result[name] = {
-            'object_contrast': round(float(np.mean(contrasts)), 3),
-            'own_share': round(100 * float(np.mean(peaks)), 1),
+            'object_contrast': round(object_contrast(maps, own, any_object), 3),
+            'own_share': round(peaks.prompted_share, 1),
         }
     print(json.dumps(result))
 

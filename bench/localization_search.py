@@ -46,11 +46,12 @@ VARIANTS = {  # name: (ModelConfig fields it changes, whether it is the paper's 
 RECORD = Path(__file__).with_name('localization_search.jsonl')
 
 
-def object_contrast(maps, prompted):
-    "Mean over prompts of (map on the prompted object - map on the image's other objects) / the map's spatial std."
+def object_contrast(maps, own, any_object):
+    """Mean over maps (M, S, S) of (map on the own object - map on the other objects), both (M, S, S) bool masks, in
+    units of the map's spatial std."""
     flat = maps.flatten(1).double()  # (M, S*S)
-    own = prompted.masks.flatten(1)  # (M, S*S) bool
-    others = prompted.any_object.flatten(1) & ~own
+    own = own.flatten(1)  # (M, S*S) bool
+    others = any_object.flatten(1) & ~own
     on_own = (flat * own).sum(1) / own.sum(1).clamp(min=1)
     on_others = (flat * others).sum(1) / others.sum(1).clamp(min=1)
     return float(((on_own - on_others) / flat.std(1).clamp(min=1e-12)).mean())
@@ -89,7 +90,9 @@ def evaluate(name, checkpoint, root, seed):
         'swap_passed': evidence.swap.passed,
         'controls_passed': evidence.controls_passed,
         'common_share': round(evidence.common_share, 1),
-        'object_contrast': round(object_contrast(maps.maps, prompted), 3),
+        'object_contrast': round(
+            object_contrast(maps.maps, prompted.masks, prompted.any_object), 3
+        ),
         'inverted_pointing': round(
             float(pointing_hits(-maps.maps, prompted.masks).mean() * 100), 2
         ),
