@@ -25,7 +25,8 @@ from .devices import check_device
 # %% auto #0
 __all__ = ['DATASETS', 'CLASS_SETS', 'check_dataset', 'NotebookParameters', 'check_parameters', 'data_file', 'missing_media',
            'require_video_data', 'require_ade20k_sound', 'check_method', 'Outputs', 'synthetic_testbed', 'in_test',
-           'quick_sizes', 'PretrainingSummary', 'pretraining_summary', 'pretraining_notes', 'testbed_checkpoints']
+           'quick_sizes', 'notebook_parameters', 'shown_path', 'PretrainingSummary', 'pretraining_summary',
+           'pretraining_notes', 'testbed_checkpoints']
 
 # %% ../nbs/29_reproduce.ipynb #bf342b69
 DATASETS = {
@@ -347,6 +348,42 @@ def quick_sizes(
     return json.loads(
         json.dumps({**_TEST_SIZES['common'], **_TEST_SIZES[notebook]})
     )  # a fresh copy: callers may change it
+
+# %% ../nbs/29_reproduce.ipynb #2e582377
+def notebook_parameters(
+    parameters_class,  # the notebook's parameters dataclass: one field per variable of its parameters cell
+    namespace: dict,  # the notebook's variables (`globals()`)
+    notebook: str,  # the notebook's name in `quick_sizes` ('retrieval', ...)
+):
+    """The notebook's parameters as `parameters_class`, read from its variables; a test run (`quick`, or
+    nbdev-test) gets `quick_sizes(notebook)` over them."""
+    names = [field.name for field in dataclasses.fields(parameters_class)]
+    missing = [name for name in names if name not in namespace]
+    if missing:
+        raise ValueError(
+            f"{notebook} notebook: parameters {missing} are not set (its parameters cell defines them)"
+        )
+    values = {name: namespace[name] for name in names}
+    values['quick'] = in_test(values.get('quick'))
+    if values['quick']:
+        values.update(quick_sizes(notebook))
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"{notebook} notebook: quick_sizes sets {unknown}, which are not its parameters"
+        )
+    return parameters_class(**values)
+
+
+def shown_path(
+    path,  # a file or folder
+) -> str:
+    "`path` as a notebook prints it: relative to the repository when inside it, else as given."
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 # %% ../nbs/29_reproduce.ipynb #24d8e008
 @dataclass
